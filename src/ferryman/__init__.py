@@ -1,0 +1,3 @@
+"""ferryman: an identity-aware gateway for TCP services and PostgreSQL."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,375 @@
+"""The composition root: builds a running gateway from a :class:`Config` and keeps it in step.
+
+Owns: :class:`Gateway` -- creating identity sources and loading the policy, binding and
+starting listeners, applying a changed configuration live (SIGHUP: new listeners start,
+removed ones stop, changed ones rebind, unrelated connections are untouched; an invalid file
+keeps the old configuration), the revalidation loop, and the ordered shutdown (stop
+accepting → drain up to the grace period → close the rest with reason ``shutdown``; a second
+signal skips the wait).
+
+Must not: handle connections itself (``proxy.tcp`` and friends do) or parse configuration
+(``config.load`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from ferryman import logs
+from ferryman._aio import cancel_and_wait, spawn
+from ferryman.audit import AuditLog
+from ferryman.config.load import load_config
+from ferryman.config.model import Config, ListenerConfig
+from ferryman.errors import AccessDenied, ConfigError, FerrymanError
+from ferryman.identity.base import Identity, IdentitySource
+from ferryman.identity.static import StaticEntry, StaticSource
+from ferryman.policy.model import EMPTY_POLICY, Policy
+from ferryman.policy.parse import load_policy
+from ferryman.proxy.access import Access, AccessGeneration
+from ferryman.proxy.listener import Listener, bind_socket
+from ferryman.proxy.runtime import Runtime
+from ferryman.proxy.session import Session
+from ferryman.proxy.tcp import serve_tcp
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CAPABILITY = "ferryman.dev/cap/ferryman"
+
+
+def capability_of(config: Config) -> str:
+    return config.tailscale.capability if config.tailscale is not None else DEFAULT_CAPABILITY
+
+
+def build_sources(config: Config) -> dict[str, IdentitySource]:
+    """Identity sources for ``config``, by name."""
+    import ipaddress
+
+    sources: dict[str, IdentitySource] = {}
+    if config.identity.static:
+        entries = [
+            StaticEntry(
+                ipaddress.ip_network(item.cidr, strict=False),
+                Identity(user=item.user, source="static", node=item.node, groups=item.groups, tags=item.tags),
+            )
+            for item in config.identity.static
+        ]
+        sources["static"] = StaticSource(entries)
+    return sources
+
+
+def read_policy(config: Config) -> Policy:
+    """Load the policy file named by ``config`` (empty policy when none). Raises ConfigError."""
+    if not config.policy_file:
+        return EMPTY_POLICY
+    policy = load_policy(
+        config.policy_file,
+        capability=capability_of(config),
+        listeners=[item.name for item in config.listeners],
+    )
+    for warning in policy.warnings:
+        logger.warning("policy: %s", warning)
+    return policy
+
+
+def _policy_stamp(path: str | None) -> tuple[float, int] | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size)
+
+
+class Gateway:
+    """A running ferryman: listeners, sessions, revalidation, reload and shutdown."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = True) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.runtime = Runtime(
+            config=config,
+            access=Access(AccessGeneration(EMPTY_POLICY, {}, capability_of(config))),
+            audit=AuditLog(config.audit.file),
+            splice=splice,
+        )
+        self.listeners: dict[str, Listener] = {}
+        self._listener_configs: dict[str, ListenerConfig] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._reval_wakeup = asyncio.Event()
+        self._policy_stamp: tuple[float, int] | None = None
+        self.stopped = asyncio.Event()
+
+    # -- start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load policy, bind every listener, start background loops. Raises on failure."""
+        policy = read_policy(self.config)
+        self._policy_stamp = _policy_stamp(self.config.policy_file)
+        self.runtime.access.generation = AccessGeneration(
+            policy, build_sources(self.config), capability_of(self.config)
+        )
+        bound = self._bind_all(self.config.listeners)
+        for item in self.config.listeners:
+            self._start_listener(item, bound[item.name])
+        spawn(self._revalidation_loop(), name="revalidation", owner=self._tasks)
+        logger.info(
+            "ferryman started with %d listener(s)",
+            len(self.listeners),
+            extra={
+                "listeners": {n: f"{lis.address[0]}:{lis.address[1]}" for n, lis in self.listeners.items()}
+            },
+        )
+
+    def _bind_all(self, items: tuple[ListenerConfig, ...] | list[ListenerConfig]) -> dict[str, Any]:
+        """Bind all sockets first, so a bind failure leaves nothing half-applied."""
+        bound: dict[str, Any] = {}
+        try:
+            for item in items:
+                host, port = item.listen_address
+                try:
+                    bound[item.name] = bind_socket(host, port)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot listen on {item.listen}: {exc.strerror or exc}",
+                        key=f"listeners.{item.name}.listen",
+                    ) from exc
+        except BaseException:
+            for sock in bound.values():
+                sock.close()
+            raise
+        return bound
+
+    def _start_listener(self, item: ListenerConfig, sock: Any) -> None:
+        name = item.name
+        self._listener_configs[name] = item
+
+        async def handle(conn: Any, addr: tuple[Any, ...]) -> None:
+            # Read the listener's config at accept time: a reload may have changed it.
+            config = self._listener_configs.get(name, item)
+            try:
+                await serve_tcp(self.runtime, config, conn, addr)
+            except Exception:
+                logger.exception("connection handler for %s failed", name)
+                conn.close()
+
+        listener = Listener(name, sock, handle)
+        listener.start()
+        self.listeners[name] = listener
+
+    # -- reload ---------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config and policy files and apply the difference. False on error."""
+        if self.config_path is None:
+            logger.warning("reload requested but ferryman was started without a config file")
+            return False
+        try:
+            config = load_config(self.config_path)
+            policy = read_policy(config)
+        except ConfigError as exc:
+            logger.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        try:
+            self.apply(config, policy)
+        except ConfigError as exc:
+            logger.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        logger.info("configuration reloaded", extra={"listeners": sorted(self.listeners)})
+        return True
+
+    def apply(self, config: Config, policy: Policy) -> None:
+        """Switch to ``config``/``policy``. Raises ConfigError, leaving the old state, if a bind fails."""
+        old = self._listener_configs
+        new = {item.name: item for item in config.listeners}
+        rebinding = [
+            item
+            for name, item in new.items()
+            if name not in old or old[name].listen_address != item.listen_address
+        ]
+        # Bind what we can before changing anything, so a busy port fails the whole reload.
+        # An address still held by one of our own listeners (moved between listeners) is
+        # bound after that listener stops.
+        bound = self._bind_all([item for item in rebinding if not self._held_by_other_listener(item)])
+
+        old_sources = self.runtime.access.generation.sources
+        self.config = config
+        self.runtime.config = config
+        self.runtime.access.generation = AccessGeneration(
+            policy, build_sources(config), capability_of(config)
+        )
+        self._policy_stamp = _policy_stamp(config.policy_file)
+        if config.audit.file != self.runtime.audit.target:
+            self.runtime.audit.reopen(config.audit.file)
+        logs.set_level(config.log_level)
+
+        for name in list(old):
+            if name not in new or name in {i.name for i in rebinding}:
+                self._stop_listener(name, close_sessions=name not in new)
+        for item in new.values():
+            self._listener_configs[item.name] = item
+        for item in rebinding:
+            sock = bound.get(item.name)
+            if sock is None:
+                host, port = item.listen_address
+                try:
+                    sock = bind_socket(host, port)
+                except OSError as exc:
+                    logger.error("listener %s: cannot listen on %s: %s", item.name, item.listen, exc)
+                    continue
+            self._start_listener(item, sock)
+        for source in old_sources.values():
+            spawn(source.aclose(), name="close identity source", owner=self._tasks)
+        self._reval_wakeup.set()
+
+    def _held_by_other_listener(self, item: ListenerConfig) -> bool:
+        """True when another currently running listener holds ``item``'s address."""
+        for name, running in self._listener_configs.items():
+            if name != item.name and running.listen_address == item.listen_address and name in self.listeners:
+                return True
+        return False
+
+    def _stop_listener(self, name: str, *, close_sessions: bool) -> None:
+        listener = self.listeners.pop(name, None)
+        if listener is not None:
+            listener.stop_accepting()
+        if close_sessions:
+            self._listener_configs.pop(name, None)
+            for session in self.runtime.sessions.for_listener(name):
+                session.close("shutdown", "listener removed from configuration")
+
+    # -- revalidation ---------------------------------------------------------------------
+
+    async def _revalidation_loop(self) -> None:
+        while not self._stop.is_set():
+            interval = self.config.revalidation.interval
+            try:
+                async with asyncio.timeout(interval if interval > 0 else None):
+                    await self._reval_wakeup.wait()
+            except TimeoutError:
+                pass
+            self._reval_wakeup.clear()
+            if self._stop.is_set():
+                return
+            self._reload_policy_if_changed()
+            if self.config.revalidation.interval > 0:
+                await self.revalidate()
+
+    def _reload_policy_if_changed(self) -> None:
+        stamp = _policy_stamp(self.config.policy_file)
+        if stamp is None or stamp == self._policy_stamp:
+            return
+        self._policy_stamp = stamp
+        try:
+            policy = read_policy(self.config)
+        except ConfigError as exc:
+            logger.error("policy file changed but is invalid, keeping the previous grants: %s", exc)
+            return
+        gen = self.runtime.access.generation
+        self.runtime.access.generation = AccessGeneration(policy, gen.sources, gen.capability)
+        logger.info("policy file reloaded: %s", self.config.policy_file)
+
+    async def revalidate(self) -> None:
+        """Re-identify and re-authorize every live session; close those that lost their grant."""
+        sessions = list(self.runtime.sessions)
+        for start in range(0, len(sessions), 64):
+            batch = sessions[start : start + 64]
+            await asyncio.gather(*(self._recheck(s) for s in batch))
+
+    async def _recheck(self, session: Session) -> None:
+        access = self.runtime.access
+        config = self._listener_configs.get(session.listener)
+        if config is None:
+            return
+        try:
+            async with asyncio.timeout(config.identity_timeout):
+                identity = await access.identify(session.peer, self.runtime.sources_for(config))
+            if identity.user != session.identity.user:
+                raise AccessDenied(f"identity changed from {session.identity.user} to {identity.user}")
+            auth = access.authorize(identity, session.peer, session.listener)
+        except (AccessDenied, TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, AccessDenied) else "identity lookup timed out"
+            session.close("revoked", reason)
+            return
+        except FerrymanError as exc:
+            logger.warning("revalidation of %s failed: %s", session.id, exc)
+            return
+        session.identity = identity
+        session.update(auth)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: graceful shutdown. Second call: force (skip the grace period)."""
+        if self._stop.is_set():
+            logger.warning("second stop signal: closing all connections now")
+            self._force.set()
+        else:
+            self._stop.set()
+
+    async def serve_forever(self) -> None:
+        """Run until :meth:`request_stop`, handling SIGHUP/SIGTERM/SIGINT, then shut down."""
+        loop = asyncio.get_running_loop()
+        handlers = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: lambda: spawn(self.reload(), name="reload", owner=self._tasks),
+        }
+        for sig, callback in handlers.items():
+            loop.add_signal_handler(sig, callback)
+        try:
+            await self._stop.wait()
+            await self.shutdown()
+        finally:
+            for sig in handlers:
+                loop.remove_signal_handler(sig)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, drain up to ``grace`` seconds, then close what is left."""
+        self._stop.set()
+        self._reval_wakeup.set()
+        grace = self.config.shutdown.grace if grace is None else grace
+        rt = self.runtime
+        rt.draining = True
+        for name in list(self.listeners):
+            self.listeners[name].stop_accepting()
+        conn_tasks = {t for lis in self.listeners.values() for t in lis.tasks}
+        self.listeners.clear()
+        started = time.monotonic()
+        if conn_tasks:
+            logger.info("draining %d connection(s) for up to %gs", len(conn_tasks), grace)
+            force_wait = asyncio.ensure_future(self._force.wait())
+            try:
+                await asyncio.wait(
+                    [*conn_tasks, force_wait], timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                while not self._force.is_set() and any(not t.done() for t in conn_tasks):
+                    remaining = grace - (time.monotonic() - started)
+                    if remaining <= 0:
+                        break
+                    await asyncio.wait(
+                        [*(t for t in conn_tasks if not t.done()), force_wait],
+                        timeout=remaining,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            finally:
+                force_wait.cancel()
+        cut = 0
+        for session in rt.sessions:
+            cut += 1
+            session.close("shutdown", "gateway shutting down")
+        if cut:
+            logger.info("closed %d connection(s) at shutdown", cut)
+        await cancel_and_wait([t for t in conn_tasks if not t.done()])
+        await cancel_and_wait(list(self._tasks))
+        for source in rt.access.generation.sources.values():
+            await source.aclose()
+        rt.audit.close()
+        self.stopped.set()

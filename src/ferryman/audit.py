@@ -1,0 +1,73 @@
+"""The audit stream: one JSON record per decision and per closed connection (SPEC §4, §10).
+
+Owns: :class:`AuditLog`, which serialises records and writes them as JSON lines to a file or
+standard output, batching writes within one event-loop turn and flushing right after.
+
+Must not: block the loop for long (records are small; the file is append-only) or carry
+secrets: callers pass only identity names, addresses, counters and reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import IO, Any
+
+
+class AuditLog:
+    """Append-only JSON-lines sink. ``target`` is a path or ``"-"`` for standard output."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._file: IO[str] | None = None
+        self._owned = False
+        self._flush_pending = False
+        self._open()
+
+    def _open(self) -> None:
+        if self.target == "-":
+            self._file = sys.stdout
+            self._owned = False
+        else:
+            self._file = open(self.target, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+            self._owned = True
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Write one record: ``{"ts": …, "event": event, **fields}``."""
+        if self._file is None:
+            return
+        record = {"ts": _now(), "event": event, **fields}
+        self._file.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        if not self._flush_pending:
+            self._flush_pending = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._file is not None:
+            try:
+                self._file.flush()
+            except (OSError, ValueError):
+                pass
+
+    def reopen(self, target: str) -> None:
+        """Switch to another target (config reload) or reopen the same one (log rotation)."""
+        self.close()
+        self.target = target
+        self._open()
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None and self._owned:
+            self._file.close()
+        self._file = None
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"

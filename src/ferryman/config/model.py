@@ -1,0 +1,215 @@
+"""The configuration model: every key ferryman accepts, its type, default and cross-checks.
+
+Owns: frozen pydantic models mirroring the TOML file (SPEC §2), unit conversion of durations
+and sizes, and checks that span several keys (duplicate listener names, two listeners on one
+address, identity sources that are named but not configured).
+
+Must not: read files or the environment (``config.load`` does), or be imported by the
+sans-I/O cores (pgwire, tlshello, policy.engine): they take plain values.
+
+Every model forbids unknown keys, so a misspelt key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from ferryman.units import parse_duration, parse_size
+
+
+def _duration(value: object) -> float:
+    return parse_duration(value)
+
+
+def _size(value: object) -> int:
+    return parse_size(value)
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+"""Seconds, written in the file as ``"90s"``, ``"1m"``, ``"24h"``; ``"0"`` disables."""
+Size = Annotated[int, BeforeValidator(_size)]
+"""Bytes, written as a number or ``"10MiB"`` / ``"10GB"``."""
+
+IDENTITY_SOURCES = ("tailscale", "mtls", "token", "static")
+
+
+def split_hostport(text: str, *, default_host: str = "") -> tuple[str, int]:
+    """``"host:port"``, ``":port"``, ``"[v6]:port"`` → ``(host, port)``. Raises ``ValueError``."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"not a host:port address: {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"not a host:port address: {text!r} (the port is missing)")
+        if ":" in host:
+            raise ValueError(f'IPv6 addresses must be bracketed: {text!r} (e.g. "[::1]:5432")')
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return (host or default_host), int(port_text)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class StateConfig(_Model):
+    url: str = ""
+    """``sqlite:///path`` (default: a file in the state directory) or ``postgresql://…``."""
+
+
+class AdminConfig(_Model):
+    listen: str = "127.0.0.1:9180"
+    token: str | None = Field(default=None, repr=False)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+
+class RevalidationConfig(_Model):
+    interval: Duration = 60.0
+    """Seconds between re-checks of live connections; 0 disables revalidation."""
+
+
+class AuditConfig(_Model):
+    file: str = "-"
+    """Path of the JSON-lines audit file; ``"-"`` writes to standard output."""
+
+
+class ShutdownConfig(_Model):
+    grace: Duration = 30.0
+    """How long SIGTERM waits for live connections before closing them (reason ``shutdown``)."""
+
+
+class TailscaleConfig(_Model):
+    socket: str = "/var/run/tailscale/tailscaled.sock"
+    capability: str = "ferryman.dev/cap/ferryman"
+    timeout: Duration = 5.0
+    """Bound on one LocalAPI call (WhoIs, dial, cert)."""
+
+
+class StaticIdentityConfig(_Model):
+    cidr: str
+    user: str
+    node: str = ""
+    groups: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+    @field_validator("cidr")
+    @classmethod
+    def _check_cidr(cls, value: str) -> str:
+        ipaddress.ip_network(value, strict=False)
+        return value
+
+
+class IdentityConfig(_Model):
+    static: tuple[StaticIdentityConfig, ...] = ()
+
+
+class ListenerConfig(_Model):
+    """One ``[[listeners]]`` entry (the admin API calls it a *service*)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    listen: str
+    mode: Literal["tcp", "postgres"] = "tcp"
+    backend: str
+    identity: tuple[Literal["tailscale", "mtls", "token", "static"], ...] | None = None
+    """Identity sources in the order they are tried; default: every configured source."""
+    idle_timeout: Duration = 0.0
+    """No bytes either way for this long closes the connection (reason ``idle``); 0 = never."""
+    dial_timeout: Duration = 10.0
+    """Bound on connecting to the backend; a failure closes the client (``backend_error``)."""
+    identity_timeout: Duration = 10.0
+    """Bound on identifying the caller (all sources together); past it the connection is refused."""
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        split_hostport(value)
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        host, _ = split_hostport(value)
+        if not host:
+            raise ValueError(f"backend needs a host: {value!r}")
+        return value
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return split_hostport(self.listen)
+
+    @property
+    def backend_address(self) -> tuple[str, int]:
+        return split_hostport(self.backend)
+
+
+class Config(_Model):
+    """The whole configuration file."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    policy_file: str | None = None
+    state: StateConfig = StateConfig()
+    admin: AdminConfig = AdminConfig()
+    revalidation: RevalidationConfig = RevalidationConfig()
+    audit: AuditConfig = AuditConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    tailscale: TailscaleConfig | None = None
+    identity: IdentityConfig = IdentityConfig()
+    listeners: tuple[ListenerConfig, ...] = ()
+
+    def configured_sources(self) -> tuple[str, ...]:
+        """Identity sources that have configuration, in SPEC order."""
+        present = {
+            "tailscale": self.tailscale is not None,
+            "static": bool(self.identity.static),
+        }
+        return tuple(name for name in IDENTITY_SOURCES if present.get(name, False))
+
+    def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
+        return listener.identity if listener.identity is not None else self.configured_sources()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        # Each problem is raised as a ValueError whose first word is a key path, so the loader
+        # can point at the right line ("listeners[1].name: duplicate listener name").
+        seen_names: dict[str, int] = {}
+        seen_addrs: dict[tuple[str, int], int] = {}
+        configured = set(self.configured_sources())
+        for index, listener in enumerate(self.listeners):
+            if listener.name in seen_names:
+                raise ValueError(
+                    f"@listeners.{index}.name: duplicate listener name {listener.name!r} "
+                    f"(also listeners[{seen_names[listener.name]}])"
+                )
+            seen_names[listener.name] = index
+            host, port = listener.listen_address
+            for (other_host, other_port), other in seen_addrs.items():
+                if port == other_port and (host == other_host or "" in (host, other_host)):
+                    raise ValueError(
+                        f"@listeners.{index}.listen: {listener.listen!r} is already used by "
+                        f"listeners[{other}] ({self.listeners[other].name})"
+                    )
+            seen_addrs[(host, port)] = index
+            for source in listener.identity or ():
+                if source not in configured:
+                    raise ValueError(
+                        f"@listeners.{index}.identity: source {source!r} is not configured "
+                        f"(configured: {', '.join(sorted(configured)) or 'none'})"
+                    )
+            if listener.mode == "postgres":
+                raise ValueError(
+                    f"@listeners.{index}.mode: mode 'postgres' is not available in this build yet"
+                )
+        return self

@@ -1,0 +1,1 @@
+"""Grant limits that span connections: concurrent connections and bandwidth windows."""

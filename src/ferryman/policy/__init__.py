@@ -1,0 +1,1 @@
+"""Grants: who may reach which listener, with which permissions and limits (SPEC §3)."""

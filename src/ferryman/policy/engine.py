@@ -1,0 +1,96 @@
+"""The grant engine: does this identity, from this address, get this listener — and with what?
+
+Owns: :func:`authorize`, a pure function from (identity, peer address, listener name, local
+policy, capabilities carried by the identity) to an :class:`Authorization` or an
+:class:`~ferryman.errors.AccessDenied`.
+
+Must not: do I/O, log, or know about sockets and timers. It is called on every new connection
+and on every revalidation pass, so it stays cheap and deterministic.
+
+Rules (SPEC §3): a grant applies when its ``src`` matches and its capability value names the
+listener under ``backends``. Permissions of every applying grant are unioned; for each limit
+the strictest non-zero value wins. Top-level ``limits`` of an applying capability value are the
+per-user limits; ``backends.<listener>.limits`` are the per-listener ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ferryman.errors import AccessDenied
+from ferryman.identity.base import Identity, IPAddress
+from ferryman.policy.model import CapGrant, Limits, PgDatabaseGrant, Policy, Selector, merge_pg
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    """The outcome of a granted decision."""
+
+    listener: str
+    user_limits: Limits
+    """Limits counted per user across all listeners (``max_conns``, ``bandwidth``)."""
+    listener_limits: Limits
+    """Limits from ``backends.<listener>.limits`` (``max_conns`` counts per user and listener)."""
+    pg: Mapping[str, PgDatabaseGrant] | None
+    origins: tuple[str, ...]
+
+    @property
+    def connection_limits(self) -> Limits:
+        """Per-connection limits: the strictest of the user and listener levels."""
+        return Limits.strictest((self.user_limits, self.listener_limits))
+
+
+def selector_matches(
+    selector: Selector, identity: Identity, peer_ip: IPAddress | None, groups: Mapping[str, frozenset[str]]
+) -> bool:
+    if selector.everyone:
+        return True
+    login = identity.user.lower()
+    if login in selector.logins:
+        return True
+    if selector.groups:
+        principals = identity.principals()
+        for group in selector.groups:
+            if group in principals or login in groups.get(group, ()):
+                return True
+    if selector.tags and not selector.tags.isdisjoint(identity.principals()):
+        return True
+    if peer_ip is not None:
+        for network in selector.networks:
+            if peer_ip.version == network.version and peer_ip in network:
+                return True
+    return False
+
+
+def applicable_caps(
+    identity: Identity, peer_ip: IPAddress | None, policy: Policy, carried: Sequence[CapGrant]
+) -> list[CapGrant]:
+    """Every capability value that applies to this caller, carried ones first."""
+    caps = list(carried)
+    for rule in policy.rules:
+        if selector_matches(rule.src, identity, peer_ip, policy.groups):
+            caps.extend(rule.caps)
+    return caps
+
+
+def authorize(
+    identity: Identity,
+    peer_ip: IPAddress | None,
+    listener: str,
+    policy: Policy,
+    carried: Sequence[CapGrant] = (),
+) -> Authorization:
+    """Decide whether ``identity`` may use ``listener``. Raises :class:`AccessDenied`."""
+    caps = [c for c in applicable_caps(identity, peer_ip, policy, carried) if listener in c.backends]
+    if not caps:
+        raise AccessDenied(f"no grant for listener {listener!r}", client_message="no grant for this service")
+    backend_grants = [c.backends[listener] for c in caps]
+    pg_parts = [g.pg for g in backend_grants if g.pg is not None]
+    return Authorization(
+        listener=listener,
+        user_limits=Limits.strictest(c.limits for c in caps),
+        listener_limits=Limits.strictest(g.limits for g in backend_grants),
+        pg=merge_pg(pg_parts) if pg_parts else None,
+        origins=tuple(c.origin for c in caps),
+    )

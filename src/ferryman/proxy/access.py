@@ -1,0 +1,78 @@
+"""Admission: who is this, may they use this listener, and within which limits?
+
+Owns: :class:`Access`, which runs a listener's identity sources in order, evaluates grants
+with the pure engine (local policy plus capabilities carried by the identity), and re-checks
+live sessions for revalidation. It holds the *current* policy and sources; a reload swaps them
+in one assignment, so a decision always sees one consistent generation.
+
+Must not: touch sockets or write audit records (callers do, knowing the outcome).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ferryman.errors import AccessDenied, IdentityUnavailable
+from ferryman.identity.base import Identity, IdentitySource, PeerInfo
+from ferryman.policy.engine import Authorization, authorize
+from ferryman.policy.model import CapGrant, Policy
+from ferryman.policy.parse import parse_cap_values
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessGeneration:
+    """One consistent set of policy and sources (replaced whole on reload)."""
+
+    policy: Policy
+    sources: Mapping[str, IdentitySource]
+    capability: str
+
+
+class Access:
+    def __init__(self, generation: AccessGeneration) -> None:
+        self.generation = generation
+
+    async def identify(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity:
+        """First identity any named source vouches for. Raises :class:`AccessDenied`."""
+        sources = self.generation.sources
+        for name in source_names:
+            source = sources.get(name)
+            if source is None:
+                continue
+            identity = await source.identify(peer)
+            if identity is not None:
+                if identity.expires_at is not None and identity.expires_at <= time.time():
+                    raise IdentityUnavailable(
+                        f"{name}: identity expired", client_message="credentials expired"
+                    )
+                return identity
+        raise AccessDenied(
+            f"no identity: none of {', '.join(source_names) or 'no sources'} recognised {peer.remote_addr}",
+            client_message="no identity for this connection",
+        )
+
+    def carried_caps(self, identity: Identity) -> list[CapGrant]:
+        """Capability values the identity brought (Tailscale CapMap), parsed; bad ones dropped."""
+        if not identity.grants:
+            return []
+        caps, problems = parse_cap_values(identity.grants, f"{identity.source} capability")
+        for problem in problems:
+            logger.warning("ignoring malformed grant for %s: %s", identity.user, problem)
+        return caps
+
+    def authorize(self, identity: Identity, peer: PeerInfo, listener: str) -> Authorization:
+        """Raises :class:`AccessDenied` when no grant names ``listener``."""
+        return authorize(
+            identity, peer.remote_ip, listener, self.generation.policy, self.carried_caps(identity)
+        )
+
+    async def admit(
+        self, peer: PeerInfo, listener: str, source_names: Sequence[str]
+    ) -> tuple[Identity, Authorization]:
+        identity = await self.identify(peer, source_names)
+        return identity, self.authorize(identity, peer, listener)

@@ -1,0 +1,54 @@
+"""Connecting to backends.
+
+Owns: :func:`dial_tcp`, a non-blocking connect to ``host:port`` (every resolved address tried
+in turn) bounded by a timeout, returning a raw non-blocking socket with ``TCP_NODELAY``.
+
+Must not: retry across targets or decide what a failure means for the client; callers map
+``BackendUnavailable`` to their protocol's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Any
+
+from ferryman.errors import BackendUnavailable
+
+
+async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """Connect within ``timeout`` seconds. Raises :class:`BackendUnavailable` with the reason."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout if timeout > 0 else None):
+            try:
+                ip = ipaddress.ip_address(host)
+                candidates: list[tuple[int, tuple[Any, ...]]] = [
+                    (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))
+                ]
+            except ValueError:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                candidates = [(family, addr[:2]) for family, _, _, _, addr in infos]
+            last: OSError | None = None
+            for family, addr in candidates:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, addr)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            raise BackendUnavailable(
+                f"cannot connect to {host}:{port}: {last.strerror if last and last.strerror else last}"
+            )
+    except TimeoutError:
+        raise BackendUnavailable(f"cannot connect to {host}:{port}: timed out after {timeout:g}s") from None
+    except socket.gaierror as exc:
+        raise BackendUnavailable(f"cannot resolve {host}: {exc.strerror}") from None

@@ -1,0 +1,307 @@
+"""Byte relay between two connected, non-blocking sockets.
+
+Owns: moving bytes both ways with back-pressure, half-close propagation, byte counting, the
+per-connection byte budget, the last-activity clock, and the close reason / who closed first.
+
+Must not: identify, authorize, dial or log. Timers (idle, duration) and grant limits that span
+connections belong to :mod:`ferryman.proxy.session`, which calls :meth:`SocketRelay.close`.
+
+How it moves bytes. The relay is callback-driven (``loop.add_reader``/``add_writer``), not a
+pair of tasks, so an idle connection costs two small objects and no coroutine frames. A
+direction starts in *copy* mode: ``recv_into`` a scratch buffer shared by every connection
+(the loop is single-threaded), then ``send``; only bytes the destination would not take are
+kept per connection. When a read fills the scratch buffer the direction is moving bulk data and
+switches to ``splice(2)`` through its own pipe, so payload stays in the kernel. Back-pressure:
+while a destination has unsent bytes, its source is not read.
+
+Half-close: EOF from one side is passed on with ``shutdown(SHUT_WR)`` once everything read
+from that side has been written; the other direction keeps flowing. The relay ends when both
+directions have ended, when either side errors, or when :meth:`SocketRelay.close` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+UP: Final = 0
+"""Client → backend."""
+DOWN: Final = 1
+"""Backend → client."""
+SIDE_NAMES: Final = ("client", "backend")
+
+SCRATCH_SIZE: Final = 65536
+PIPE_SIZE: Final = 1 << 20
+_HAS_SPLICE = hasattr(os, "splice")
+_SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _HAS_SPLICE else 0
+_F_SETPIPE_SZ = 1031  # linux/fcntl.h: F_LINUX_SPECIFIC_BASE + 7
+_scratch = bytearray(SCRATCH_SIZE)
+_scratch_view = memoryview(_scratch)
+
+# Errors a peer causes by going away; anything else on a socket is reported as an error.
+_PEER_GONE = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+
+
+@dataclass(frozen=True, slots=True)
+class CloseInfo:
+    """Why and how a relay ended."""
+
+    reason: str
+    """``normal``, ``limit``, ``revoked``, ``idle``, ``shutdown``, ``backend_error`` or ``error``."""
+    closed_by: str
+    """``client``, ``backend`` or ``gateway``: who ended the session first."""
+    detail: str = ""
+
+
+class _Pump:
+    """One direction of the relay."""
+
+    __slots__ = (
+        "backlog",
+        "dst",
+        "dst_fd",
+        "ended",
+        "eof",
+        "in_pipe",
+        "index",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "relay",
+        "src",
+        "src_fd",
+        "writing",
+    )
+
+    def __init__(self, relay: SocketRelay, index: int, src: socket.socket, dst: socket.socket) -> None:
+        self.relay = relay
+        self.index = index
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.backlog: memoryview | None = None
+        self.in_pipe = 0
+        self.pipe_r = -1
+        self.pipe_w = -1
+        self.eof = False
+        self.ended = False
+        self.reading = False
+        self.writing = False
+
+    # -- readiness callbacks --------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        relay = self.relay
+        want = SCRATCH_SIZE if self.pipe_w < 0 else PIPE_SIZE
+        if relay.budget is not None:
+            if relay.budget <= 0:
+                relay.close("limit", "gateway", "max_bytes_per_conn reached")
+                return
+            want = min(want, relay.budget)
+        try:
+            if self.pipe_w >= 0:
+                n = os.splice(self.src_fd, self.pipe_w, want, flags=_SPLICE_FLAGS)
+            else:
+                n = self.src.recv_into(_scratch, want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            relay.failed(self.index, exc)
+            return
+        if n == 0:
+            self._on_eof()
+            return
+        relay.transferred(self.index, n)
+        if relay.closed:
+            return
+        if self.pipe_w >= 0:
+            self.in_pipe += n
+            self._flush()
+            return
+        # Copy mode: send straight from the shared scratch buffer; keep only what is left.
+        try:
+            sent = self.dst.send(_scratch_view[:n])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            relay.failed(1 - self.index, exc)
+            return
+        if sent < n:
+            self.backlog = memoryview(bytes(_scratch_view[sent:n]))
+            self._wait_writable()
+        elif n == SCRATCH_SIZE and _HAS_SPLICE and relay.splice_ok:
+            self._start_splice()
+
+    def on_writable(self) -> None:
+        self._flush()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def start(self, initial: bytes = b"") -> None:
+        if initial:
+            self.backlog = memoryview(initial)
+            self._flush()
+        else:
+            self._resume_reading()
+
+    def _flush(self) -> None:
+        relay = self.relay
+        try:
+            while self.backlog is not None:
+                sent = self.dst.send(self.backlog)
+                self.backlog = self.backlog[sent:] if sent < len(self.backlog) else None
+            while self.in_pipe:
+                self.in_pipe -= os.splice(self.pipe_r, self.dst_fd, self.in_pipe, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self._wait_writable()
+            return
+        except OSError as exc:
+            relay.failed(1 - self.index, exc)
+            return
+        if self.writing:
+            self.writing = False
+            relay.loop.remove_writer(self.dst_fd)
+        if self.eof:
+            self._end()
+        else:
+            self._resume_reading()
+
+    def _wait_writable(self) -> None:
+        loop = self.relay.loop
+        if self.reading:
+            self.reading = False
+            loop.remove_reader(self.src_fd)
+        if not self.writing:
+            self.writing = True
+            loop.add_writer(self.dst_fd, self.on_writable)
+
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.eof:
+            self.reading = True
+            self.relay.loop.add_reader(self.src_fd, self.on_readable)
+
+    def _start_splice(self) -> None:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.relay.splice_ok = False  # out of descriptors: stay in copy mode
+            return
+        try:
+            import fcntl
+
+            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default pipe size (64 KiB) still works, just with more calls
+
+    def _on_eof(self) -> None:
+        self.eof = True
+        if self.reading:
+            self.reading = False
+            self.relay.loop.remove_reader(self.src_fd)
+        if self.backlog is None and not self.in_pipe:
+            self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.relay.direction_ended(self.index)
+
+    def stop(self) -> None:
+        loop = self.relay.loop
+        if self.reading:
+            self.reading = False
+            loop.remove_reader(self.src_fd)
+        if self.writing:
+            self.writing = False
+            loop.remove_writer(self.dst_fd)
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
+
+
+class SocketRelay:
+    """Relays between ``client`` and ``backend`` until both sides finish or it is closed.
+
+    ``on_bytes(direction, n)`` is called for every chunk moved (``UP`` or ``DOWN``); it may call
+    :meth:`close`. ``done`` resolves with a :class:`CloseInfo`. The relay owns both sockets
+    from :meth:`start` on and closes them.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        backend: socket.socket,
+        on_bytes: Callable[[int, int], None],
+        *,
+        budget: int | None = None,
+        splice: bool = True,
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.backend = backend
+        self.on_bytes = on_bytes
+        self.budget = budget
+        """Bytes (both directions together) still allowed, or ``None`` for no limit."""
+        self.splice_ok = splice
+        self.bytes = [0, 0]
+        self.last_activity = loop.time()
+        self.closed = False
+        self.done: asyncio.Future[CloseInfo] = loop.create_future()
+        self._first_end: int | None = None
+        self._pumps = (_Pump(self, UP, client, backend), _Pump(self, DOWN, backend, client))
+
+    def start(self, initial_up: bytes = b"", initial_down: bytes = b"") -> None:
+        """Begin relaying; ``initial_*`` are bytes already read that must go first."""
+        self._pumps[UP].start(initial_up)
+        if not self.closed:
+            self._pumps[DOWN].start(initial_down)
+
+    def transferred(self, direction: int, n: int) -> None:
+        self.bytes[direction] += n
+        if self.budget is not None:
+            self.budget -= n
+        self.last_activity = self.loop.time()
+        self.on_bytes(direction, n)
+
+    def direction_ended(self, direction: int) -> None:
+        if self._first_end is None:
+            self._first_end = direction
+        if all(p.ended for p in self._pumps):
+            self.close("normal", SIDE_NAMES[self._first_end])
+
+    def failed(self, side: int, exc: OSError) -> None:
+        """A socket operation on ``side`` (``UP`` = client, ``DOWN`` = backend) failed."""
+        name = SIDE_NAMES[side]
+        detail = f"{name}: {exc.strerror or exc}"
+        if exc.errno in _PEER_GONE:
+            self.close("backend_error" if side == DOWN else "normal", name, detail)
+        else:
+            self.close("error", name, detail)
+
+    def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None:
+        """End the relay now (idempotent) and close both sockets."""
+        if self.closed:
+            return
+        self.closed = True
+        for pump in self._pumps:
+            pump.stop()
+        for sock in (self.client, self.backend):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if not self.done.done():
+            self.done.set_result(CloseInfo(reason, closed_by, detail))

@@ -1,0 +1,98 @@
+"""The gateway's shared runtime state, handed to every connection handler.
+
+Owns: :class:`Runtime` -- the current access generation, the limit tracker, the session
+registry, the audit log, the draining flag -- and the audit records every mode writes the same
+way (refusals, closes).
+
+Must not: start or stop anything (``ferryman.app`` does) or import connection handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ferryman.audit import AuditLog
+from ferryman.config.model import Config, ListenerConfig
+from ferryman.errors import AccessDenied, FerrymanError, LimitExceeded
+from ferryman.identity.base import Identity, PeerInfo
+from ferryman.limits.tracker import LimitTracker
+from ferryman.proxy.access import Access
+from ferryman.proxy.relay import CloseInfo
+from ferryman.proxy.session import Session, SessionRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Runtime:
+    config: Config
+    access: Access
+    audit: AuditLog
+    tracker: LimitTracker = field(default_factory=LimitTracker)
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    draining: bool = False
+    splice: bool = True
+
+    def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
+        return self.config.sources_for(listener)
+
+    def audit_refusal(
+        self,
+        conn_id: str,
+        listener: ListenerConfig,
+        peer: PeerInfo,
+        identity: Identity | None,
+        exc: BaseException,
+    ) -> None:
+        """Log and audit a refused connection with its reason (and limit, if one refused it)."""
+        if isinstance(exc, TimeoutError):
+            reason, kind = "identity lookup timed out", "identity_unavailable"
+        elif isinstance(exc, AccessDenied):
+            reason, kind = exc.reason, exc.kind
+        elif isinstance(exc, FerrymanError):
+            reason, kind = str(exc), exc.kind
+        else:
+            reason, kind = repr(exc), "error"
+        fields: dict[str, object] = {
+            "id": conn_id,
+            "listener": listener.name,
+            "mode": listener.mode,
+            "allowed": False,
+            "outcome": kind,
+            "reason": reason,
+            "source": peer.remote_addr,
+            "user": identity.user if identity else None,
+            "node": identity.node if identity else None,
+        }
+        if isinstance(exc, LimitExceeded):
+            fields["limit"] = exc.limit
+        logger.info(
+            "refused %s on %s: %s",
+            peer.remote_addr,
+            listener.name,
+            reason,
+            extra={"conn_id": conn_id, "listener": listener.name, "outcome": kind},
+        )
+        self.audit.write("decision", **fields)
+
+    def session_closed(self, session: Session, info: CloseInfo) -> None:
+        self.sessions.remove(session)
+        record = session.describe()
+        record.pop("started", None)
+        record.update(reason=info.reason, closed_by=info.closed_by)
+        if info.detail:
+            record["detail"] = info.detail
+        if info.reason == "limit":
+            record["limit"] = info.detail.split(" ", 1)[0].rstrip(":")
+        self.audit.write("close", **record)
+        if info.reason not in ("normal",):
+            logger.info(
+                "closed %s (%s) on %s: %s %s",
+                session.id,
+                session.identity.user,
+                session.listener,
+                info.reason,
+                info.detail,
+                extra={"conn_id": session.id, "listener": session.listener, "reason": info.reason},
+            )
