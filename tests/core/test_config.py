@@ -1,0 +1,169 @@
+"""Configuration loading: every error names file, line and key; nothing is silently accepted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ferryman.config.load import load_config, load_config_text
+from ferryman.errors import ConfigError
+
+BASE = """\
+log_level = "info"
+[[identity.static]]
+cidr = "127.0.0.0/8"
+user = "dev@localhost"
+
+[[listeners]]
+name = "redis"
+listen = "127.0.0.1:7000"
+backend = "127.0.0.1:6379"
+"""
+
+
+def error_of(text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, file="gw.toml", env=env or {})
+    return str(info.value)
+
+
+def test_valid_config_and_defaults() -> None:
+    config = load_config_text(BASE, env={})
+    (listener,) = config.listeners
+    assert listener.mode == "tcp"
+    assert listener.backend_address == ("127.0.0.1", 6379)
+    assert listener.idle_timeout == 0
+    assert config.revalidation.interval == 60
+    assert config.sources_for(listener) == ("static",)
+
+
+def test_unknown_key_names_key_and_line() -> None:
+    text = BASE + 'bakend = "x:1"\n'
+    assert error_of(text) == "gw.toml:10: listeners[0].bakend: unknown key"
+
+
+def test_unknown_top_level_section() -> None:
+    assert error_of('[admn]\nlisten = "127.0.0.1:1"\n') == "gw.toml:1: admn: unknown key"
+
+
+def test_wrong_type_names_key_and_line() -> None:
+    text = BASE.replace('log_level = "info"', 'log_level = "loud"')
+    message = error_of(text)
+    assert message.startswith("gw.toml:1: log_level: ")
+    assert "'loud'" in message
+
+
+def test_bad_duration_names_key_and_line() -> None:
+    message = error_of(BASE + 'idle_timeout = "5 minutes"\n')
+    assert message.startswith("gw.toml:10: listeners[0].idle_timeout: not a duration")
+
+
+def test_missing_required_key() -> None:
+    text = BASE.replace('backend = "127.0.0.1:6379"\n', "")
+    assert error_of(text) == "gw.toml:6: listeners[0].backend: required key is missing"
+
+
+def test_duplicate_listener_name() -> None:
+    text = BASE + '\n[[listeners]]\nname = "redis"\nlisten = "127.0.0.1:7001"\nbackend = "127.0.0.1:1"\n'
+    message = error_of(text)
+    assert message.startswith("gw.toml:12: listeners[1].name: duplicate listener name 'redis'")
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:7000", ":7000"])
+def test_two_listeners_on_one_address(listen: str) -> None:
+    text = BASE + f'\n[[listeners]]\nname = "other"\nlisten = "{listen}"\nbackend = "127.0.0.1:1"\n'
+    message = error_of(text)
+    assert message.startswith("gw.toml:13: listeners[1].listen: ")
+    assert "already used by listeners[0] (redis)" in message
+
+
+def test_missing_environment_variable_names_variable_and_line() -> None:
+    text = BASE + '\n[admin]\ntoken = "${FERRYMAN_ADMIN_TOKEN}"\n'
+    assert error_of(text) == "gw.toml:12: admin.token: environment variable FERRYMAN_ADMIN_TOKEN is not set"
+
+
+def test_environment_expansion_and_escape() -> None:
+    text = BASE + '\n[admin]\ntoken = "${TOK}"\n[audit]\nfile = "/tmp/$${NOT_EXPANDED}"\n'
+    config = load_config_text(text, env={"TOK": "s3cret"})
+    assert config.admin.token == "s3cret"
+    assert config.audit.file == "/tmp/${NOT_EXPANDED}"
+    assert "s3cret" not in repr(config.admin)
+
+
+def test_identity_source_must_be_configured() -> None:
+    message = error_of(BASE + 'identity = ["tailscale"]\n')
+    assert message.startswith("gw.toml:10: listeners[0].identity: ")
+    assert "'tailscale'" in message
+
+
+def test_several_errors_reported_together() -> None:
+    message = error_of(BASE + 'bakend = "x:1"\nidle_timeout = "soon"\n')
+    assert "listeners[0].bakend: unknown key" in message
+    assert "listeners[0].idle_timeout" in message
+
+
+def test_toml_syntax_error_has_line() -> None:
+    assert error_of('log_level = "info"\nlisteners = [\n').startswith("gw.toml:")
+
+
+def test_bad_address() -> None:
+    assert "port" in error_of(BASE.replace("127.0.0.1:7000", "127.0.0.1"))
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    (tmp_path / "gw.toml").write_text('policy_file = "p.json"\n' + BASE)
+    config = load_config(tmp_path / "gw.toml")
+    assert config.policy_file == str(tmp_path / "p.json")
+
+
+def run_check(tmp_path: Path, config: str, policy: str | None = None) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "gw.toml").write_text(config)
+    if policy is not None:
+        (tmp_path / "policy.json").write_text(policy)
+    return subprocess.run(
+        [sys.executable, "-m", "ferryman", "check", "-c", str(tmp_path / "gw.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_command_accepts_valid_config(tmp_path: Path) -> None:
+    result = run_check(tmp_path, 'policy_file = "policy.json"\n' + BASE, '{"grants": [] /* none yet */,}')
+    assert result.returncode == 0, result.stderr
+    assert "1 listener(s)" in result.stdout
+
+
+def test_check_command_rejects_with_location(tmp_path: Path) -> None:
+    result = run_check(tmp_path, BASE + "bakend = 1\n")
+    assert result.returncode == 2
+    assert "gw.toml:10: listeners[0].bakend: unknown key" in result.stderr
+
+
+def test_check_warns_about_grant_naming_no_listener(tmp_path: Path) -> None:
+    policy = (
+        '{"grants": [{"src": ["*"], "app": {"ferryman.dev/cap/ferryman": [{"backends": {"nope": {}}}]}}]}'
+    )
+    result = run_check(tmp_path, 'policy_file = "policy.json"\n' + BASE, policy)
+    assert result.returncode == 0
+    assert "names no configured listener: 'nope'" in result.stderr
+
+
+def test_check_rejects_bad_policy(tmp_path: Path) -> None:
+    policy = (
+        '{"grants": [{"src": ["*"], "app": {"ferryman.dev/cap/ferryman": '
+        '[{"backends": {"redis": {"limits": {"max_conns": "many"}}}}]}}]}'
+    )
+    result = run_check(tmp_path, 'policy_file = "policy.json"\n' + BASE, policy)
+    assert result.returncode == 2
+    assert "backends.redis.limits.max_conns" in result.stderr
+
+
+def test_help_lists_subcommands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ferryman", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("serve", "check", "version"):
+        assert command in result.stdout

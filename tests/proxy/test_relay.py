@@ -1,0 +1,196 @@
+"""The relay over real connected sockets: integrity, half-close, back-pressure, budgets."""
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+
+from ferryman.proxy.relay import DOWN, SCRATCH_SIZE, UP, CloseInfo, SocketRelay
+
+
+async def bounded(fut: "asyncio.Future[CloseInfo]", seconds: float = 5.0) -> CloseInfo:
+    async with asyncio.timeout(seconds):
+        return await fut
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A real loopback TCP connection (not a socketpair: we test what the gateway sees)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+class Harness:
+    """client_app <-> [client_sock | relay | backend_sock] <-> backend_app."""
+
+    def __init__(self, splice: bool = True, budget: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.client_app, client_side = tcp_pair()
+        backend_side, self.backend_app = tcp_pair()
+        self.chunks: list[tuple[int, int]] = []
+        self.relay = SocketRelay(
+            loop,
+            client_side,
+            backend_side,
+            lambda d, n: self.chunks.append((d, n)),
+            budget=budget,
+            splice=splice,
+        )
+
+    async def send_all(self, sock: socket.socket, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    async def recv_all(self, sock: socket.socket, n: int | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
+        out = bytearray()
+        while n is None or len(out) < n:
+            chunk = await loop.sock_recv(sock, 1 << 16)
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+    def close_apps(self) -> None:
+        self.client_app.close()
+        self.backend_app.close()
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_bulk_transfer_both_ways_is_exact(splice: bool) -> None:
+    h = Harness(splice=splice)
+    h.relay.start()
+    up = os.urandom(3 * 1024 * 1024 + 17)
+    down = os.urandom(2 * 1024 * 1024 + 5)
+
+    async def client() -> bytes:
+        await h.send_all(h.client_app, up)
+        h.client_app.shutdown(socket.SHUT_WR)
+        return await h.recv_all(h.client_app)
+
+    async def backend() -> bytes:
+        send = asyncio.ensure_future(h.send_all(h.backend_app, down))
+        got = await h.recv_all(h.backend_app)
+        await send
+        h.backend_app.shutdown(socket.SHUT_WR)
+        return got
+
+    got_down, got_up = await asyncio.gather(client(), backend())
+    assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+    info = await bounded(h.relay.done)
+    assert info.reason == "normal"
+    assert h.relay.bytes == [len(up), len(down)]
+    assert sum(n for d, n in h.chunks if d == UP) == len(up)
+    assert sum(n for d, n in h.chunks if d == DOWN) == len(down)
+    h.close_apps()
+
+
+async def test_half_close_client_still_receives_reply() -> None:
+    h = Harness()
+    h.relay.start()
+    await h.send_all(h.client_app, b"question")
+    h.client_app.shutdown(socket.SHUT_WR)
+    assert await h.recv_all(h.backend_app) == b"question"  # EOF reached the backend
+    assert not h.relay.closed
+    reply = os.urandom(500_000)
+    await h.send_all(h.backend_app, reply)
+    h.backend_app.shutdown(socket.SHUT_WR)
+    assert await h.recv_all(h.client_app) == reply
+    info = await h.relay.done
+    assert (info.reason, info.closed_by) == ("normal", "client")
+    h.close_apps()
+
+
+async def test_backend_closing_first_is_recorded() -> None:
+    h = Harness()
+    h.relay.start()
+    h.backend_app.shutdown(socket.SHUT_WR)
+    assert await h.recv_all(h.client_app) == b""
+    await h.send_all(h.client_app, b"late words")
+    assert await h.recv_all(h.backend_app, 10) == b"late words"
+    h.client_app.shutdown(socket.SHUT_WR)
+    info = await h.relay.done
+    assert (info.reason, info.closed_by) == ("normal", "backend")
+    h.close_apps()
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_back_pressure_stops_reading_from_a_fast_sender(splice: bool) -> None:
+    """With nobody reading at the backend, the relay must stop taking client bytes."""
+    h = Harness(splice=splice)
+    h.relay.start()
+    sent = 0
+    block = b"x" * 65536
+    # Fill until the client's own send buffer is full: that only happens if the relay
+    # stopped reading, because it could not write to the backend.
+    while True:
+        try:
+            sent += h.client_app.send(block)
+        except BlockingIOError:
+            await asyncio.sleep(0.05)
+            try:
+                sent += h.client_app.send(block)
+            except BlockingIOError:
+                break
+        await asyncio.sleep(0)
+        assert sent < 512 * 1024 * 1024, "relay never pushed back"
+    relayed = h.relay.bytes[UP]
+    assert relayed < sent
+    await asyncio.sleep(0.2)
+    assert h.relay.bytes[UP] == relayed  # stalled, not buffering in user space
+    assert len(await h.recv_all(h.backend_app, sent)) == sent
+    h.relay.close("normal")
+    h.close_apps()
+
+
+@pytest.mark.parametrize("splice", [True, False])
+async def test_budget_cuts_exactly_at_the_limit(splice: bool) -> None:
+    h = Harness(splice=splice, budget=100_000)
+    h.relay.start()
+    await h.send_all(h.client_app, os.urandom(60_000))
+    assert len(await h.recv_all(h.backend_app, 60_000)) == 60_000
+    try:
+        await h.send_all(h.client_app, os.urandom(SCRATCH_SIZE * 3))
+    except ConnectionError:
+        pass
+    info = await bounded(h.relay.done)
+    assert info.reason == "limit"
+    assert sum(h.relay.bytes) == 100_000
+    h.close_apps()
+
+
+async def test_initial_bytes_go_first() -> None:
+    h = Harness()
+    h.relay.start(initial_up=b"peeked-")
+    await h.send_all(h.client_app, b"rest")
+    assert await h.recv_all(h.backend_app, 11) == b"peeked-rest"
+    h.relay.close("normal")
+    h.close_apps()
+
+
+async def test_client_reset_ends_the_relay() -> None:
+    h = Harness()
+    h.relay.start()
+    h.client_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    h.client_app.close()  # RST
+    info = await bounded(h.relay.done)
+    assert info.closed_by == "client"
+    assert await h.recv_all(h.backend_app) == b""
+    h.backend_app.close()
+
+
+async def test_close_is_idempotent_and_closes_both_sockets() -> None:
+    h = Harness()
+    h.relay.start()
+    h.relay.close("revoked", "gateway", "grant removed")
+    h.relay.close("normal")
+    info = await h.relay.done
+    assert (info.reason, info.detail) == ("revoked", "grant removed")
+    assert await h.recv_all(h.client_app) == b""
+    assert await h.recv_all(h.backend_app) == b""
+    h.close_apps()

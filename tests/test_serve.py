@@ -1,0 +1,233 @@
+"""``ferryman serve`` as a real process: SIGHUP reloads, SIGTERM drains, a second signal forces."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import (
+    EchoServer,
+    GatewayFiles,
+    connect,
+    free_port,
+    grant,
+    refused,
+    roundtrip,
+    wait_for,
+)
+
+
+class Served:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, object]] = []
+        self._pump = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"msg": line.decode(errors="replace")})
+
+    def logged(self, text: str) -> bool:
+        return any(text in str(line.get("msg", "")) for line in self.lines)
+
+    async def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 10) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await self._pump
+        return code
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator:
+    procs: list[Served] = []
+
+    async def start(files: GatewayFiles, env: dict[str, str] | None = None) -> Served:
+        files.write()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ferryman",
+            "serve",
+            "-c",
+            str(files.config_path),
+            stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+        served = Served(proc)
+        procs.append(served)
+        await wait_for(lambda: served.logged("ferryman started") or proc.returncode is not None, timeout=15)
+        assert proc.returncode is None, served.lines
+        return served
+
+    yield start
+    for served in procs:
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+
+
+async def test_sighup_applies_listener_changes_without_touching_other_connections(
+    tmp_path: Path, serve
+) -> None:
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        stay = files.add_listener("stay", echo.address)
+        gone = files.add_listener("gone", echo.address)
+        moved_old = files.add_listener("moved", echo.address)
+        files.grants.append(grant({"stay": {}, "gone": {}, "moved": {}, "new": {}}))
+        served = await serve(files)
+        long_lived = await connect(stay)
+        on_moved = await connect(moved_old)
+        assert await roundtrip(gone) == b"ping"
+
+        moved_new = free_port()
+        files.listeners = [item for item in files.listeners if item["name"] != "gone"]
+        files.listeners[-1]["listen"] = f"127.0.0.1:{moved_new}"
+        new = files.add_listener("new", echo.address)
+        files.write()
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("configuration reloaded"))
+
+        assert await roundtrip(new) == b"ping"  # new listener started
+        assert await roundtrip(moved_new) == b"ping"  # changed listener rebound
+        with pytest.raises(OSError):
+            await connect(moved_old)
+        with pytest.raises(OSError):
+            await connect(gone)  # removed listener stopped
+        for reader, writer in (long_lived, on_moved):  # unrelated and rebound connections untouched
+            writer.write(b"still alive")
+            assert await reader.readexactly(11) == b"still alive"
+            writer.close()
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+
+
+async def test_sighup_with_broken_file_keeps_running_config(tmp_path: Path, serve) -> None:
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))
+        served = await serve(files)
+        held = await connect(port)
+        files.config_path.write_text(files.config_path.read_text() + '\nbakend = "oops"\n')
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("reload failed, keeping the running configuration"))
+        message = next(str(line["msg"]) for line in served.lines if "reload failed" in str(line["msg"]))
+        assert "ferryman.toml:" in message and "bakend: unknown key" in message
+        assert await roundtrip(port) == b"ping"
+        held[1].write(b"ok")
+        assert await held[0].readexactly(2) == b"ok"
+
+        # A broken policy file is refused the same way: grants stay as they were.
+        files.write()
+        files.policy_path.write_text("{ not json")
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: sum("reload failed" in str(line.get("msg")) for line in served.lines) == 2)
+        assert await roundtrip(port) == b"ping"
+        held[1].close()
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+
+
+async def test_sighup_reload_refuses_busy_port_atomically(tmp_path: Path, serve) -> None:
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))
+        served = await serve(files)
+        files.add_listener("busy", echo.address, port=echo.port)  # the echo server holds this port
+        files.write()
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("reload failed"))
+        assert await roundtrip(port) == b"ping"
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+
+
+async def test_sigterm_drains_and_second_signal_forces_exit(tmp_path: Path, serve) -> None:
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))
+        files.extra = ""
+        served = await serve(files)
+        text = files.config_path.read_text().replace('grace = "2s"', 'grace = "60s"')
+        files.config_path.write_text(text)
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("configuration reloaded"))
+        reader, writer = await connect(port)
+        writer.write(b"x")
+        await reader.readexactly(1)
+        await served.signal(signal.SIGTERM)
+        await wait_for(lambda: served.logged("draining 1 connection"))
+        assert await refused_or_unreachable(port)
+        writer.write(b"during drain")
+        assert await reader.readexactly(12) == b"during drain"
+        await served.signal(signal.SIGINT)  # second signal: don't wait 60s
+        assert await served.wait(timeout=10) == 0
+        assert await reader.read() == b""
+        writer.close()
+    assert served.logged("second stop signal")
+    (close,) = files.closes()
+    assert close["reason"] == "shutdown"
+
+
+async def refused_or_unreachable(port: int) -> bool:
+    try:
+        return await refused(port)
+    except OSError:
+        return True
+
+
+async def test_secrets_never_reach_the_log(tmp_path: Path, serve) -> None:
+    files = GatewayFiles(tmp_path)
+    files.extra = f'[admin]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "${{FERRYMAN_ADMIN_TOKEN}}"\n'
+    files.listeners.append({"name": "x", "listen": f"127.0.0.1:{free_port()}", "backend": "127.0.0.1:1"})
+    served = await serve(files, env={"FERRYMAN_ADMIN_TOKEN": "tok-7f3a9c-secret"})
+    await served.signal(signal.SIGHUP)
+    await wait_for(lambda: served.logged("configuration reloaded"))
+    await served.signal(signal.SIGTERM)
+    await served.wait()
+    assert served.lines
+    assert "tok-7f3a9c-secret" not in json.dumps(served.lines)
+
+
+async def test_serve_without_config_runs_on_defaults() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ferryman", "serve", stderr=asyncio.subprocess.PIPE
+    )
+    served = Served(proc)
+    await wait_for(lambda: served.logged("ferryman started"), timeout=15)
+    assert served.logged("embedded defaults")
+    await served.signal(signal.SIGTERM)
+    assert await served.wait() == 0
+
+
+async def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text("[[listeners]]\nname = 1\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ferryman",
+        "serve",
+        "-c",
+        str(tmp_path / "bad.toml"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(15):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"bad.toml:2: listeners[0].name" in err
