@@ -7,10 +7,17 @@ import os
 
 import pytest
 import uvloop
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
-settings.register_profile("fast", max_examples=100, deadline=None)
-settings.register_profile("deep", max_examples=100_000, deadline=None)
+# One registration for the whole suite: hypothesis profiles are process-wide.
+for _name, _examples in (("fast", 100), ("deep", 5_000)):
+    settings.register_profile(
+        _name,
+        max_examples=_examples,
+        deadline=None,
+        database=None,  # keep .hypothesis/ out of the work tree
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 

@@ -27,7 +27,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 UP: Final = 0
 """Client → backend."""
@@ -56,6 +56,19 @@ class CloseInfo:
     closed_by: str
     """``client``, ``backend`` or ``gateway``: who ended the session first."""
     detail: str = ""
+
+
+class Relay(Protocol):
+    """What a session needs from a relay (``SocketRelay`` or ``streams.TransportRelay``)."""
+
+    loop: asyncio.AbstractEventLoop
+    bytes: list[int]
+    budget: int | None
+    last_activity: float
+    closed: bool
+    done: asyncio.Future[CloseInfo]
+
+    def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None: ...
 
 
 class _Pump:

@@ -22,7 +22,7 @@ from ferryman.identity.base import Identity, PeerInfo
 from ferryman.limits.tracker import Lease, LimitTracker
 from ferryman.policy.engine import Authorization
 from ferryman.policy.model import Limits
-from ferryman.proxy.relay import DOWN, UP, CloseInfo, SocketRelay
+from ferryman.proxy.relay import DOWN, UP, CloseInfo, Relay
 from ferryman.units import format_duration
 
 _counter = itertools.count(1)
@@ -50,7 +50,7 @@ class Session:
     on_close: Callable[[Session, CloseInfo], None]
     started: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
-    relay: SocketRelay | None = None
+    relay: Relay | None = None
     close_info: CloseInfo | None = None
     idle_timeout: float = 0.0
     _limits: Limits = field(default_factory=Limits)
@@ -59,7 +59,7 @@ class Session:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def attach(self, relay: SocketRelay) -> None:
+    def attach(self, relay: Relay) -> None:
         """Take over ``relay``: apply limits, arm timers, and finish when it finishes."""
         self.relay = relay
         self._apply_limits(self.auth.connection_limits)

@@ -1,0 +1,101 @@
+"""PostgreSQL v3 messages that ferryman parses or emits, named as in the PostgreSQL docs.
+
+Owns: the public face of the message layer. Each message is a frozen, slotted dataclass
+("Message Formats" chapter of the PostgreSQL docs) with ``encode() -> bytes`` and a
+``parse(body)`` classmethod; :func:`parse_startup_packet` and :func:`parse_backend_message`
+dispatch on the wire code. The classes live in ``_frontend.py``, ``_backend.py`` and
+``_notice.py`` to keep each module short; import them from here.
+
+Must not: decide which message is legal when (``server.py`` / ``client.py`` do), or do I/O.
+
+Conventions:
+
+* ``parse(body)`` takes the body after the header (after ``Byte1 type + Int32 length`` for
+  typed messages, after ``Int32 length + Int32 code`` for startup packets) and raises only
+  :class:`~ferryman.errors.RemoteProtocolError`.
+* ``encode()`` returns the whole frame and raises only
+  :class:`~ferryman.errors.LocalProtocolError`.
+* Strings from the backend decode as UTF-8 with ``surrogateescape`` (the server encoding is
+  unknown during startup) and re-encode byte-identically; strings from a client's startup
+  packet must be valid UTF-8, because grants are matched against them.
+* Messages that carry secrets redact them in ``repr`` (STYLE 2.5: logs never hold passwords,
+  cancel keys or SCRAM exchanges).
+"""
+
+from __future__ import annotations
+
+from ferryman.pgwire._backend import (
+    AUTH_CLEARTEXT_PASSWORD,
+    AUTH_MD5_PASSWORD,
+    AUTH_OK,
+    AUTH_SASL,
+    AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
+    UNSUPPORTED_AUTH_METHODS,
+    AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
+    AuthenticationOk,
+    AuthenticationRequest,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    BackendKeyData,
+    BackendMessage,
+    GSSENCResponse,
+    NegotiateProtocolVersion,
+    ParameterStatus,
+    ReadyForQuery,
+    SSLResponse,
+    parse_backend_message,
+)
+from ferryman.pgwire._frontend import (
+    CancelRequest,
+    GSSENCRequest,
+    PasswordMessage,
+    SASLInitialResponse,
+    SASLResponse,
+    SSLRequest,
+    StartupMessage,
+    StartupPacket,
+    Terminate,
+    parse_startup_packet,
+)
+from ferryman.pgwire._notice import FIELD_CODES, ErrorResponse, NoticeResponse
+
+__all__ = [
+    "AUTH_CLEARTEXT_PASSWORD",
+    "AUTH_MD5_PASSWORD",
+    "AUTH_OK",
+    "AUTH_SASL",
+    "AUTH_SASL_CONTINUE",
+    "AUTH_SASL_FINAL",
+    "FIELD_CODES",
+    "UNSUPPORTED_AUTH_METHODS",
+    "AuthenticationCleartextPassword",
+    "AuthenticationMD5Password",
+    "AuthenticationOk",
+    "AuthenticationRequest",
+    "AuthenticationSASL",
+    "AuthenticationSASLContinue",
+    "AuthenticationSASLFinal",
+    "BackendKeyData",
+    "BackendMessage",
+    "CancelRequest",
+    "ErrorResponse",
+    "GSSENCRequest",
+    "GSSENCResponse",
+    "NegotiateProtocolVersion",
+    "NoticeResponse",
+    "ParameterStatus",
+    "PasswordMessage",
+    "ReadyForQuery",
+    "SASLInitialResponse",
+    "SASLResponse",
+    "SSLRequest",
+    "SSLResponse",
+    "StartupMessage",
+    "StartupPacket",
+    "Terminate",
+    "parse_backend_message",
+    "parse_startup_packet",
+]

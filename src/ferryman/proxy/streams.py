@@ -1,0 +1,301 @@
+"""Connections that run over asyncio transports (TLS, tunnels) rather than raw sockets.
+
+Owns: :class:`Conn`, an ``asyncio.Protocol`` that offers awaitable reads while a connection is
+being set up (TLS handshake done by the loop, then a protocol's startup phase), and is then
+handed to :class:`TransportRelay`, which moves bytes between two ``Conn`` objects with the
+same contract as :class:`~ferryman.proxy.relay.SocketRelay` (counts, budget, half-close,
+close reason). Also the helpers that turn a raw socket into a ``Conn``, with or without TLS.
+
+Must not: decide anything about identity or routing. A raw plaintext pair should use
+``SocketRelay`` (splice); this relay exists for everything that needs a transport.
+
+Why not ``StreamReader``: a relay must take over the connection without a private-buffer
+hand-off; ``Conn`` keeps its own buffer, and switching to relay mode forwards what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo
+
+MAX_SETUP_BUFFER = 1 << 20
+
+
+class Conn(asyncio.Protocol):
+    """One side of a connection over a transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._relay: TransportRelay | None = None
+        self._side = UP
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.received(self._side, data)
+            return
+        self._buffer += data
+        if len(self._buffer) > MAX_SETUP_BUFFER and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._relay is not None:
+            self._relay.eof(self._side)
+        self._wake()
+        return True  # keep the write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._lost = exc
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self._relay is not None:
+            self._relay.lost(self._side, exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._relay is not None:
+            self._relay.pause(self._side)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self._relay is not None:
+            self._relay.resume(self._side)
+
+    # -- set-up phase API ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        assert self._waiter is None, "concurrent reads on one Conn"
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at EOF."""
+        while not self._buffer and not self._eof:
+            await self._wait()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), n)
+            await self._wait()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def take_buffer(self) -> bytes:
+        """Everything received but not yet read (handed over when relaying starts)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and not self._closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self._closed and self._lost is not None:
+            raise ConnectionResetError(str(self._lost))
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    def extra(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport else default
+
+    def close(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+
+async def accept_tls(sock: socket.socket, context: ssl.SSLContext, timeout: float) -> Conn:
+    """Server-side TLS handshake on an accepted socket.
+
+    Raises ``ssl.SSLError``, ``OSError`` or ``TimeoutError``.
+    """
+    loop = asyncio.get_running_loop()
+    conn = Conn()
+    # uvloop returns its SSLProtocol here, not ours: keep our own reference.
+    await loop.connect_accepted_socket(lambda: conn, sock, ssl=context, ssl_handshake_timeout=timeout)
+    return conn
+
+
+async def wrap_plain(sock: socket.socket, *, server_side: bool) -> Conn:
+    """A plaintext socket as a ``Conn`` (to relay against a TLS or tunnelled side)."""
+    loop = asyncio.get_running_loop()
+    conn = Conn()
+    if server_side:
+        await loop.connect_accepted_socket(lambda: conn, sock)
+    else:
+        await loop.create_connection(lambda: conn, sock=sock)
+    return conn
+
+
+async def connect_tls(
+    sock: socket.socket, context: ssl.SSLContext, server_hostname: str | None, timeout: float
+) -> Conn:
+    """Client-side TLS on a connected socket (backend TLS). Verification is the context's."""
+    loop = asyncio.get_running_loop()
+    conn = Conn()
+    await loop.create_connection(
+        lambda: conn, sock=sock, ssl=context, server_hostname=server_hostname, ssl_handshake_timeout=timeout
+    )
+    return conn
+
+
+class TransportRelay:
+    """Relays between two :class:`Conn` objects; same contract as ``SocketRelay``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: Conn,
+        backend: Conn,
+        on_bytes: Callable[[int, int], None],
+        *,
+        budget: int | None = None,
+    ) -> None:
+        self.loop = loop
+        self.conns = (client, backend)
+        self.on_bytes = on_bytes
+        self.budget = budget
+        self.bytes = [0, 0]
+        self.last_activity = loop.time()
+        self.closed = False
+        self.done: asyncio.Future[CloseInfo] = loop.create_future()
+        self._ended = [False, False]
+        self._first_end: int | None = None
+
+    def start(self, initial_up: bytes = b"", initial_down: bytes = b"") -> None:
+        client, backend = self.conns
+        client._relay, client._side = self, UP
+        backend._relay, backend._side = self, DOWN
+        for side, initial in ((UP, initial_up), (DOWN, initial_down)):
+            conn = self.conns[side]
+            pending = initial + conn.take_buffer()
+            if pending:
+                self.received(side, pending)
+            if self.closed:
+                return
+            if conn._eof:
+                self.eof(side)
+            elif conn.transport is not None:
+                conn.transport.resume_reading()
+            if self.conns[1 - side]._write_paused:
+                self.pause(1 - side)
+
+    # Called by Conn; ``side`` is where the event happened (UP = client, DOWN = backend).
+
+    def received(self, side: int, data: bytes) -> None:
+        if self.closed:
+            return
+        budget = self.budget
+        if budget is not None and len(data) > budget:
+            if budget:
+                self._forward(side, data[:budget])
+            self.close("limit", "gateway", "max_bytes_per_conn reached")
+            return
+        self._forward(side, data)
+
+    def _forward(self, side: int, data: bytes) -> None:
+        n = len(data)
+        self.conns[1 - side].write(data)
+        self.bytes[side] += n
+        if self.budget is not None:
+            self.budget -= n
+        self.last_activity = self.loop.time()
+        self.on_bytes(side, n)
+
+    def eof(self, side: int) -> None:
+        if self.closed or self._ended[side]:
+            return
+        self._ended[side] = True
+        if self._first_end is None:
+            self._first_end = side
+        other = self.conns[1 - side].transport
+        if all(self._ended):
+            self.close("normal", SIDE_NAMES[self._first_end])
+        elif other is not None and other.can_write_eof():
+            other.write_eof()
+        else:
+            # TLS cannot half-close: the session ends when one side is done talking.
+            self.close("normal", SIDE_NAMES[side])
+
+    def lost(self, side: int, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is None:
+            self.eof(side)
+            if not self.closed:
+                self.close("normal", SIDE_NAMES[side])
+            return
+        detail = f"{SIDE_NAMES[side]}: {exc}"
+        self.close("backend_error" if side == DOWN else "normal", SIDE_NAMES[side], detail)
+
+    def pause(self, side: int) -> None:
+        """``side`` cannot take more: stop reading from the other side."""
+        transport = self.conns[1 - side].transport
+        if transport is not None and not self.closed:
+            transport.pause_reading()
+
+    def resume(self, side: int) -> None:
+        transport = self.conns[1 - side].transport
+        if transport is not None and not self.closed and not self._ended[1 - side]:
+            transport.resume_reading()
+
+    def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.conns:
+            conn._relay = None
+            # Flush what was relayed (e.g. up to a byte budget), but don't wait on a peer
+            # that stopped reading: abort whatever is still open shortly after.
+            conn.close()
+            self.loop.call_later(2.0, conn.abort)
+        if not self.done.done():
+            self.done.set_result(CloseInfo(reason, closed_by, detail))
