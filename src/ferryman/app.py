@@ -14,6 +14,7 @@ Must not: handle connections itself (``proxy.tcp`` and friends do) or parse conf
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from ferryman.config.model import Config, ListenerConfig
 from ferryman.errors import AccessDenied, ConfigError, FerrymanError
 from ferryman.identity.base import Identity, IdentitySource
 from ferryman.identity.static import StaticEntry, StaticSource
+from ferryman.identity.tailscale import TailscaleSource
 from ferryman.policy.model import EMPTY_POLICY, Policy
 from ferryman.policy.parse import load_policy
 from ferryman.proxy.access import Access, AccessGeneration
@@ -35,6 +37,7 @@ from ferryman.proxy.listener import Listener, bind_socket
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session
 from ferryman.proxy.tcp import serve_tcp
+from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,19 @@ def capability_of(config: Config) -> str:
     return config.tailscale.capability if config.tailscale is not None else DEFAULT_CAPABILITY
 
 
-def build_sources(config: Config) -> dict[str, IdentitySource]:
-    """Identity sources for ``config``, by name."""
-    import ipaddress
+def build_tailscale_client(config: Config) -> LocalAPIClient | None:
+    if config.tailscale is None:
+        return None
+    return LocalAPIClient(config.tailscale.socket, timeout=config.tailscale.timeout)
 
+
+def build_sources(config: Config, tailscale: LocalAPIClient | None = None) -> dict[str, IdentitySource]:
+    """Identity sources for ``config``, by name."""
     sources: dict[str, IdentitySource] = {}
+    if config.tailscale is not None:
+        client = tailscale or build_tailscale_client(config)
+        assert client is not None
+        sources["tailscale"] = TailscaleSource(client, config.tailscale.capability)
     if config.identity.static:
         entries = [
             StaticEntry(
@@ -113,8 +124,9 @@ class Gateway:
         """Load policy, bind every listener, start background loops. Raises on failure."""
         policy = read_policy(self.config)
         self._policy_stamp = _policy_stamp(self.config.policy_file)
+        self.runtime.tailscale = build_tailscale_client(self.config)
         self.runtime.access.generation = AccessGeneration(
-            policy, build_sources(self.config), capability_of(self.config)
+            policy, build_sources(self.config, self.runtime.tailscale), capability_of(self.config)
         )
         bound = self._bind_all(self.config.listeners)
         for item in self.config.listeners:

@@ -128,6 +128,8 @@ class ListenerConfig(_Model):
     """No bytes either way for this long closes the connection (reason ``idle``); 0 = never."""
     dial_timeout: Duration = 10.0
     """Bound on connecting to the backend; a failure closes the client (``backend_error``)."""
+    backend_via_tailscale: bool = False
+    """Dial the backend through tailscaled's LocalAPI (MagicDNS names, 100.x addresses)."""
     identity_timeout: Duration = 10.0
     """Bound on identifying the caller (all sources together); past it the connection is refused."""
 
@@ -208,6 +210,8 @@ class Config(_Model):
                         f"@listeners.{index}.identity: source {source!r} is not configured "
                         f"(configured: {', '.join(sorted(configured)) or 'none'})"
                     )
+            if listener.backend_via_tailscale and self.tailscale is None:
+                raise ValueError(f"@listeners.{index}.backend_via_tailscale: needs a [tailscale] section")
             if listener.mode == "postgres":
                 raise ValueError(
                     f"@listeners.{index}.mode: mode 'postgres' is not available in this build yet"

@@ -20,6 +20,7 @@ from ferryman.limits.tracker import LimitTracker
 from ferryman.proxy.access import Access
 from ferryman.proxy.relay import CloseInfo
 from ferryman.proxy.session import Session, SessionRegistry
+from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Runtime:
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     draining: bool = False
     splice: bool = True
+    tailscale: LocalAPIClient | None = None
+    """The LocalAPI client of the current configuration (dialling via tailscaled)."""
 
     def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
         return self.config.sources_for(listener)

@@ -21,6 +21,7 @@ from ferryman.proxy.dial import dial_tcp
 from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session, new_connection_id
+from ferryman.tailscale.errors import TailscaleError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,26 @@ def peer_info(sock: socket.socket, addr: tuple[Any, ...], listener: str) -> Peer
         local_port=int(local[1]),
         listener=listener,
     )
+
+
+async def dial_backend(rt: Runtime, listener: ListenerConfig) -> tuple[socket.socket, bytes]:
+    """Connect to the listener's backend, directly or through tailscaled (``ts-dial``).
+
+    Returns the connected socket and any backend bytes that arrived with the dial answer.
+    Raises :class:`BackendUnavailable` with the reason.
+    """
+    host, port = listener.backend_address
+    if not listener.backend_via_tailscale:
+        return await dial_tcp(host, port, listener.dial_timeout), b""
+    if rt.tailscale is None:
+        raise BackendUnavailable("backend_via_tailscale is set but [tailscale] is not configured")
+    try:
+        dialed = await rt.tailscale.dial(host, port, timeout=listener.dial_timeout)
+    except BackendUnavailable:
+        raise
+    except TailscaleError as exc:
+        raise BackendUnavailable(f"dial {host}:{port} via tailscaled: {exc}") from exc
+    return dialed.sock, dialed.initial_data
 
 
 async def serve_tcp(
@@ -72,9 +93,8 @@ async def serve_tcp(
         source=peer.remote_addr,
         grants=list(auth.origins),
     )
-    host, port = listener.backend_address
     try:
-        backend = await dial_tcp(host, port, listener.dial_timeout)
+        backend, first_bytes = await dial_backend(rt, listener)
     except BackendUnavailable as exc:
         lease.release()
         sock.close()
@@ -116,7 +136,7 @@ async def serve_tcp(
     relay = SocketRelay(asyncio.get_running_loop(), sock, backend, session.on_bytes, splice=rt.splice)
     rt.sessions.add(session)
     session.attach(relay)
-    relay.start()
+    relay.start(initial_down=first_bytes)
     try:
         await asyncio.shield(relay.done)
     finally:
