@@ -1,6 +1,6 @@
 """The tailscale identity source inside a running gateway: real TCP connections, the LocalAPI
 double on a real unix socket, grants from CapMap merged with local ones, revalidation, dialing
-through tailscaled (SPEC §1–3; issue "Tailscale identity")."""
+through tailscaled (SPEC §1-3; issue "Tailscale identity")."""
 
 from __future__ import annotations
 
@@ -260,7 +260,7 @@ async def test_backend_via_tailscale_dials_through_localapi(tmp_path: Path, doub
             payload = bytes(range(256)) * 400
             assert await roundtrip(port, payload) == payload
             await wait_for(files.closes)
-    dial = [r for r in double.requests if r.endpoint == "dial"][0]
+    dial = next(r for r in double.requests if r.endpoint == "dial")
     assert (dial.header("dial-host"), dial.header("dial-port"), dial.header("upgrade")) == (
         "db.tail1234.ts.net",
         "7000",
