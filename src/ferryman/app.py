@@ -28,15 +28,19 @@ from ferryman.config.load import load_config
 from ferryman.config.model import Config, ListenerConfig
 from ferryman.errors import AccessDenied, ConfigError, FerrymanError
 from ferryman.identity.base import Identity, IdentitySource
+from ferryman.identity.mtls import MtlsSource
 from ferryman.identity.static import StaticEntry, StaticSource
 from ferryman.identity.tailscale import TailscaleSource
 from ferryman.policy.model import EMPTY_POLICY, Policy
 from ferryman.policy.parse import load_policy
 from ferryman.proxy.access import Access, AccessGeneration
 from ferryman.proxy.listener import Listener, bind_socket
+from ferryman.proxy.pg import serve_postgres
+from ferryman.proxy.pgroles import PgRoles
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session
 from ferryman.proxy.tcp import serve_tcp
+from ferryman.proxy.tlssetup import ListenerTLS, build_listener_tls
 from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,8 @@ def build_sources(config: Config, tailscale: LocalAPIClient | None = None) -> di
         client = tailscale or build_tailscale_client(config)
         assert client is not None
         sources["tailscale"] = TailscaleSource(client, config.tailscale.capability)
+    if config.identity.mtls is not None:
+        sources["mtls"] = MtlsSource(config.identity.mtls.user_from, config.identity.mtls.groups_from)
     if config.identity.static:
         entries = [
             StaticEntry(
@@ -87,6 +93,12 @@ def read_policy(config: Config) -> Policy:
     return policy
 
 
+def _same_backend(a: ListenerConfig, b: ListenerConfig) -> bool:
+    """Whether a running provisioner can serve the changed listener unchanged."""
+    keys = ("backend", "postgres", "backend_tls", "backend_ca_file", "dial_timeout")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
 def _policy_stamp(path: str | None) -> tuple[float, int] | None:
     if not path:
         return None
@@ -110,8 +122,9 @@ class Gateway:
             splice=splice,
         )
         self.listeners: dict[str, Listener] = {}
-        self._listener_configs: dict[str, ListenerConfig] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweepers: dict[str, asyncio.Task[Any]] = {}
+        self._renewers: dict[str, asyncio.Task[Any]] = {}
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reval_wakeup = asyncio.Event()
@@ -128,8 +141,13 @@ class Gateway:
         self.runtime.access.generation = AccessGeneration(
             policy, build_sources(self.config, self.runtime.tailscale), capability_of(self.config)
         )
+        tls = {
+            item.name: await build_listener_tls(item, self.config, self.runtime.tailscale)
+            for item in self.config.listeners
+        }
         bound = self._bind_all(self.config.listeners)
         for item in self.config.listeners:
+            await self._start_resources(item, tls[item.name])
             self._start_listener(item, bound[item.name])
         spawn(self._revalidation_loop(), name="revalidation", owner=self._tasks)
         logger.info(
@@ -159,15 +177,78 @@ class Gateway:
             raise
         return bound
 
+    async def _start_resources(self, item: ListenerConfig, tls: ListenerTLS | None) -> None:
+        """Per-listener helpers: TLS (with tailnet certificate renewal) and, for PostgreSQL,
+        the role provisioner."""
+        renewer = self._renewers.pop(item.name, None)
+        if renewer is not None:
+            await cancel_and_wait([renewer])
+        if tls is None:
+            self.runtime.tls.pop(item.name, None)
+        else:
+            self.runtime.tls[item.name] = tls
+            if tls.store is not None:
+                self._renewers[item.name] = spawn(
+                    self._renew_forever(item.name, tls), name=f"cert renewal {item.name}", owner=self._tasks
+                )
+        old = self.runtime.provisioners.get(item.name)
+        running = self.runtime.listeners.get(item.name)
+        if old is not None and running is not None and _same_backend(running, item):
+            return
+        await self._stop_provisioner(item.name)
+        if item.mode != "postgres":
+            return
+        roles = PgRoles(item)
+        self.runtime.provisioners[item.name] = roles
+        try:
+            await roles.open()
+        except FerrymanError as exc:
+            logger.error("listener %s: %s (will retry on the next connection)", item.name, exc)
+        name = item.name
+
+        def live_roles() -> set[str]:
+            return {str(s.extra.get("role")) for s in self.runtime.sessions.for_listener(name)}
+
+        self._sweepers[name] = spawn(
+            roles.sweep_forever(live_roles), name=f"sweeper {name}", owner=self._tasks
+        )
+
+    async def _renew_forever(self, name: str, tls: ListenerTLS) -> None:
+        interval = self.config.tailscale.cert_check_interval if self.config.tailscale else 3600.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await tls.refresh()
+            except FerrymanError as exc:
+                logger.warning("listener %s: tailnet certificate renewal failed: %s", name, exc)
+
+    async def _stop_resources(self, name: str) -> None:
+        renewer = self._renewers.pop(name, None)
+        if renewer is not None:
+            await cancel_and_wait([renewer])
+        self.runtime.tls.pop(name, None)
+        await self._stop_provisioner(name)
+
+    async def _stop_provisioner(self, name: str) -> None:
+        task = self._sweepers.pop(name, None)
+        if task is not None:
+            await cancel_and_wait([task])
+        roles = self.runtime.provisioners.pop(name, None)
+        if roles is not None:
+            await roles.close()
+
     def _start_listener(self, item: ListenerConfig, sock: Any) -> None:
         name = item.name
-        self._listener_configs[name] = item
+        self.runtime.listeners[name] = item
 
         async def handle(conn: Any, addr: tuple[Any, ...]) -> None:
             # Read the listener's config at accept time: a reload may have changed it.
-            config = self._listener_configs.get(name, item)
+            config = self.runtime.listeners.get(name, item)
             try:
-                await serve_tcp(self.runtime, config, conn, addr)
+                if config.mode == "postgres":
+                    await serve_postgres(self.runtime, config, conn, addr)
+                else:
+                    await serve_tcp(self.runtime, config, conn, addr)
             except Exception:
                 logger.exception("connection handler for %s failed", name)
                 conn.close()
@@ -190,16 +271,22 @@ class Gateway:
             logger.error("reload failed, keeping the running configuration: %s", exc)
             return False
         try:
-            self.apply(config, policy)
+            await self.apply(config, policy)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
             return False
         logger.info("configuration reloaded", extra={"listeners": sorted(self.listeners)})
         return True
 
-    def apply(self, config: Config, policy: Policy) -> None:
-        """Switch to ``config``/``policy``. Raises ConfigError, leaving the old state, if a bind fails."""
-        old = self._listener_configs
+    async def apply(self, config: Config, policy: Policy) -> None:
+        """Switch to ``config``/``policy``. Raises ConfigError, leaving the old state, if a
+        certificate cannot be loaded or a bind fails."""
+        # Certificates first: a bad one fails the reload before anything changes.
+        tls = {
+            item.name: await build_listener_tls(item, config, self.runtime.tailscale)
+            for item in config.listeners
+        }
+        old = dict(self.runtime.listeners)
         new = {item.name: item for item in config.listeners}
         rebinding = [
             item
@@ -214,8 +301,9 @@ class Gateway:
         old_sources = self.runtime.access.generation.sources
         self.config = config
         self.runtime.config = config
+        self.runtime.tailscale = build_tailscale_client(config)
         self.runtime.access.generation = AccessGeneration(
-            policy, build_sources(config), capability_of(config)
+            policy, build_sources(config, self.runtime.tailscale), capability_of(config)
         )
         self._policy_stamp = _policy_stamp(config.policy_file)
         if config.audit.file != self.runtime.audit.target:
@@ -225,8 +313,11 @@ class Gateway:
         for name in list(old):
             if name not in new or name in {i.name for i in rebinding}:
                 self._stop_listener(name, close_sessions=name not in new)
+            if name not in new:
+                await self._stop_resources(name)
         for item in new.values():
-            self._listener_configs[item.name] = item
+            await self._start_resources(item, tls[item.name])
+            self.runtime.listeners[item.name] = item
         for item in rebinding:
             sock = bound.get(item.name)
             if sock is None:
@@ -243,7 +334,7 @@ class Gateway:
 
     def _held_by_other_listener(self, item: ListenerConfig) -> bool:
         """True when another currently running listener holds ``item``'s address."""
-        for name, running in self._listener_configs.items():
+        for name, running in self.runtime.listeners.items():
             if name != item.name and running.listen_address == item.listen_address and name in self.listeners:
                 return True
         return False
@@ -253,7 +344,7 @@ class Gateway:
         if listener is not None:
             listener.stop_accepting()
         if close_sessions:
-            self._listener_configs.pop(name, None)
+            self.runtime.listeners.pop(name, None)
             for session in self.runtime.sessions.for_listener(name):
                 session.close("shutdown", "listener removed from configuration")
 
@@ -297,7 +388,7 @@ class Gateway:
 
     async def _recheck(self, session: Session) -> None:
         access = self.runtime.access
-        config = self._listener_configs.get(session.listener)
+        config = self.runtime.listeners.get(session.listener)
         if config is None:
             return
         try:
@@ -306,6 +397,8 @@ class Gateway:
             if identity.user != session.identity.user:
                 raise AccessDenied(f"identity changed from {session.identity.user} to {identity.user}")
             auth = access.authorize(identity, session.peer, session.listener)
+            if session.recheck is not None:
+                await session.recheck(auth)
         except (AccessDenied, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, AccessDenied) else "identity lookup timed out"
             session.close("revoked", reason)
@@ -381,6 +474,8 @@ class Gateway:
             logger.info("closed %d connection(s) at shutdown", cut)
         await cancel_and_wait([t for t in conn_tasks if not t.done()])
         await cancel_and_wait(list(self._tasks))
+        for name in list(rt.provisioners):
+            await self._stop_resources(name)
         for source in rt.access.generation.sources.values():
             await source.aclose()
         rt.audit.close()

@@ -22,6 +22,15 @@ from ferryman.config.load import load_config
 CAP = "ferryman.dev/cap/ferryman"
 
 
+def toml_value(value: Any) -> str:
+    """Render a value as TOML (dicts as inline tables, lists of dicts as arrays of them)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,10 +91,10 @@ class GatewayFiles:
         ]
         for entry in self.static:
             lines.append("[[identity.static]]")
-            lines.extend(f"{k} = {json.dumps(v)}" for k, v in entry.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in entry.items())
         for listener in self.listeners:
             lines.append("[[listeners]]")
-            lines.extend(f"{k} = {json.dumps(v)}" for k, v in listener.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in listener.items())
         text = "\n".join(lines) + "\n" + self.extra
         self.config_path.write_text(text)
         self.write_policy()

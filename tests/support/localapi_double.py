@@ -202,6 +202,8 @@ class LocalAPIDouble:
         """Bytes written in the same write as the 101 head, before any backend byte."""
         self.dial_self: str | None = None
         self.certs: dict[str, tuple[bytes, bytes]] = {}
+        self.cert_domains: list[str] = []
+        """What ``/localapi/v0/status`` reports as ``CertDomains``."""
         self._by_ip: dict[IPAddr, Peer] = {}
         self._by_ipport: dict[tuple[IPAddr, int], Peer] = {}
         self._next_id = 1
@@ -444,6 +446,21 @@ class LocalAPIDouble:
             return await self._dial(conn, writer, reader, record)
         elif path.startswith("/localapi/v0/cert/"):
             await self._cert(conn, writer, record, path.removeprefix("/localapi/v0/cert/"))
+        elif path == "/localapi/v0/status":
+            status = {
+                "Version": self.version,
+                "BackendState": "Running",
+                "TailscaleIPs": ["100.64.0.254"],
+                "Self": {
+                    "ID": "nSelf",
+                    "HostName": "gateway",
+                    "DNSName": (self.cert_domains or ["gateway."])[0] + ".",
+                    "Online": True,
+                },
+                "CertDomains": self.cert_domains,
+                "MagicDNSSuffix": "tail1234.ts.net",
+            }
+            await self._respond(conn, writer, 200, go_json(status), "application/json")
         elif path == "/":
             await self._respond(conn, writer, 200, b"tailscaled\n", "text/plain; charset=utf-8")
         else:

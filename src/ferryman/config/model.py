@@ -95,6 +95,8 @@ class TailscaleConfig(_Model):
     capability: str = "ferryman.dev/cap/ferryman"
     timeout: Duration = 5.0
     """Bound on one LocalAPI call (WhoIs, dial, cert)."""
+    cert_check_interval: Duration = 3600.0
+    """How often tailnet certificates (``use_tailscale_tls``) are checked for renewal."""
 
 
 class StaticIdentityConfig(_Model):
@@ -111,8 +113,39 @@ class StaticIdentityConfig(_Model):
         return value
 
 
+class MtlsIdentityConfig(_Model):
+    ca_file: str
+    """CA that client certificates must chain to (listeners may name their own client_ca_file)."""
+    user_from: Literal["san_email", "san_uri", "cn"] = "san_email"
+    groups_from: Literal["ou", "none"] = "ou"
+
+
 class IdentityConfig(_Model):
     static: tuple[StaticIdentityConfig, ...] = ()
+    mtls: MtlsIdentityConfig | None = None
+
+
+class CertificateConfig(_Model):
+    cert_file: str
+    key_file: str
+
+
+class PostgresConfig(_Model):
+    """``[listeners.postgres]``: how the gateway manages roles on the backend (SPEC §5)."""
+
+    admin_user: str = "postgres"
+    admin_password: str | None = Field(default=None, repr=False)
+    admin_database: str = "postgres"
+    user_prefix: str = Field(default="fm_", pattern=r"^[a-z_][a-z0-9_]{0,15}$")
+    user_ttl: Duration = 86400.0
+    """Managed roles unused for this long, with no live session, are dropped by the sweeper."""
+    allow_raw_sql: bool = False
+    """Apply grants' raw ``sql`` statements (validated GRANT/REVOKE/ALTER DEFAULT PRIVILEGES)."""
+    password_encryption: Literal["scram-sha-256", "md5"] = "scram-sha-256"
+    """How role passwords are stored; use ``md5`` only for backends whose pg_hba asks for md5."""
+    handshake_timeout: Duration = 15.0
+    """Bound on the client's startup (SSLRequest, TLS, StartupMessage) before we answer."""
+    sweep_interval: Duration = 300.0
 
 
 class ListenerConfig(_Model):
@@ -132,6 +165,24 @@ class ListenerConfig(_Model):
     """Dial the backend through tailscaled's LocalAPI (MagicDNS names, 100.x addresses)."""
     identity_timeout: Duration = 10.0
     """Bound on identifying the caller (all sources together); past it the connection is refused."""
+    tls_mode: Literal["off", "optional", "require"] = "off"
+    """PostgreSQL listeners: answer SSLRequest (optional/require) and refuse plaintext (require)."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    certificates: tuple[CertificateConfig, ...] = ()
+    """Several certificates, chosen by SNI: the first whose names match, else the first."""
+    use_tailscale_tls: bool = False
+    """Serve the node's tailnet certificate from tailscaled (renewed before expiry)."""
+    tailscale_cert_domain: str | None = None
+    """The tailnet name to fetch a certificate for (default: tailscaled's first CertDomain)."""
+    client_auth: Literal["none", "want", "need"] = "none"
+    """Ask for a client certificate (``want``) or require one (``need``), verified against
+    ``client_ca_file`` or ``[identity.mtls] ca_file``; a verified one can be the mtls identity."""
+    client_ca_file: str | None = None
+    backend_tls: Literal["off", "require", "verify-full"] = "off"
+    """PostgreSQL listeners: TLS to the backend via SSLRequest; verify-full checks CA and name."""
+    backend_ca_file: str | None = None
+    postgres: PostgresConfig | None = None
 
     @field_validator("listen")
     @classmethod
@@ -146,6 +197,10 @@ class ListenerConfig(_Model):
         if not host:
             raise ValueError(f"backend needs a host: {value!r}")
         return value
+
+    @property
+    def has_certificates(self) -> bool:
+        return bool(self.cert_file or self.certificates or self.use_tailscale_tls)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -175,6 +230,7 @@ class Config(_Model):
         """Identity sources that have configuration, in SPEC order."""
         present = {
             "tailscale": self.tailscale is not None,
+            "mtls": self.identity.mtls is not None,
             "static": bool(self.identity.static),
         }
         return tuple(name for name in IDENTITY_SOURCES if present.get(name, False))
@@ -212,8 +268,28 @@ class Config(_Model):
                     )
             if listener.backend_via_tailscale and self.tailscale is None:
                 raise ValueError(f"@listeners.{index}.backend_via_tailscale: needs a [tailscale] section")
-            if listener.mode == "postgres":
+            if listener.mode == "postgres" and listener.postgres is None:
                 raise ValueError(
-                    f"@listeners.{index}.mode: mode 'postgres' is not available in this build yet"
+                    f"@listeners.{index}.postgres: a postgres listener needs [listeners.postgres] "
+                    "(at least admin_user)"
                 )
+            if listener.mode != "postgres" and (listener.tls_mode != "off" or listener.backend_tls != "off"):
+                raise ValueError(
+                    f"@listeners.{index}.tls_mode: tls_mode/backend_tls apply to postgres listeners"
+                )
+            if listener.tls_mode != "off" and not listener.has_certificates:
+                raise ValueError(
+                    f"@listeners.{index}.tls_mode: needs cert_file/key_file, certificates "
+                    "or use_tailscale_tls"
+                )
+            if listener.use_tailscale_tls and self.tailscale is None:
+                raise ValueError(f"@listeners.{index}.use_tailscale_tls: needs a [tailscale] section")
+            if listener.client_auth != "none" and not (
+                listener.client_ca_file or (self.identity.mtls and self.identity.mtls.ca_file)
+            ):
+                raise ValueError(
+                    f"@listeners.{index}.client_auth: needs client_ca_file or [identity.mtls] ca_file"
+                )
+            if (listener.cert_file is None) != (listener.key_file is None):
+                raise ValueError(f"@listeners.{index}.cert_file: cert_file and key_file go together")
         return self

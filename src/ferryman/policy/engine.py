@@ -7,10 +7,17 @@ policy, capabilities carried by the identity) to an :class:`Authorization` or an
 Must not: do I/O, log, or know about sockets and timers. It is called on every new connection
 and on every revalidation pass, so it stays cheap and deterministic.
 
-Rules (SPEC §3): a grant applies when its ``src`` matches and its capability value names the
-listener under ``backends``. Permissions of every applying grant are unioned; for each limit
-the strictest non-zero value wins. Top-level ``limits`` of an applying capability value are the
-per-user limits; ``backends.<listener>.limits`` are the per-listener ones.
+Rules (SPEC §3), the same as Waypoint's ``auth.Authorize``/``mergeRules``: a capability value
+applies when its ``src`` matches (for carried values Tailscale already decided that) and it
+names the listener under ``backends``; values that do not name the listener contribute nothing,
+not even their top-level limits. Permissions of every applying value are unioned; for each limit
+the strictest non-zero value wins, bandwidth windows are kept per period with the smallest
+budget. Top-level ``limits`` of an applying value are the per-user limits (Waypoint's
+``MergedLimits``: ``max_conns`` counted across all listeners); ``backends.<listener>.limits`` are
+the per-listener ones (Waypoint's ``EndpointLimits``: ``max_conns`` counted per user and
+listener). Per connection, byte and duration limits are the strictest of both levels.
+For PostgreSQL, :meth:`Authorization.database_grant` resolves one database as Waypoint's
+``auth.DatabasePermissions`` does. See ``docs/waypoint.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,15 @@ from dataclasses import dataclass
 
 from ferryman.errors import AccessDenied
 from ferryman.identity.base import Identity, IPAddress
-from ferryman.policy.model import CapGrant, Limits, PgDatabaseGrant, Policy, Selector, merge_pg
+from ferryman.policy.model import (
+    CapGrant,
+    Limits,
+    PgDatabaseGrant,
+    Policy,
+    Selector,
+    database_grant,
+    merge_pg,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +48,23 @@ class Authorization:
     listener_limits: Limits
     """Limits from ``backends.<listener>.limits`` (``max_conns`` counts per user and listener)."""
     pg: Mapping[str, PgDatabaseGrant] | None
+    """Union of the applying values' ``pg.databases`` per key; ``None`` when none has ``pg``."""
     origins: tuple[str, ...]
+    pg_grants: tuple[Mapping[str, PgDatabaseGrant], ...] = ()
+    """Each applying value's ``pg.databases``, in order (for :meth:`database_grant`)."""
 
     @property
     def connection_limits(self) -> Limits:
         """Per-connection limits: the strictest of the user and listener levels."""
         return Limits.strictest((self.user_limits, self.listener_limits))
+
+    def database_grant(self, database: str) -> PgDatabaseGrant | None:
+        """What the caller may do in ``database``; ``None`` when no grant covers it (42501).
+
+        Waypoint-exact: the exact entry and ``"*"`` of every applying value are combined, see
+        :func:`ferryman.policy.model.database_grant`.
+        """
+        return database_grant(self.pg_grants, database)
 
 
 def selector_matches(
@@ -93,4 +119,5 @@ def authorize(
         listener_limits=Limits.strictest(g.limits for g in backend_grants),
         pg=merge_pg(pg_parts) if pg_parts else None,
         origins=tuple(c.origin for c in caps),
+        pg_grants=tuple(pg_parts),
     )

@@ -3,7 +3,7 @@
 Owns: :class:`Limits`, :class:`BackendGrant`, :class:`CapGrant` (one value of the app
 capability, the same shape in a local policy file and in a tailnet's ``CapMap``),
 :class:`Rule` and :class:`Policy`, and how limits and permissions combine
-(:meth:`Limits.strictest`, :func:`merge_pg`).
+(:meth:`Limits.strictest`, :func:`merge_pg`, :func:`database_grant`).
 
 Must not: parse JSON (``policy.parse`` does) or know where grants came from beyond an
 ``origin`` string used in audit records.
@@ -92,6 +92,34 @@ def merge_pg(items: Iterable[Mapping[str, PgDatabaseGrant]]) -> dict[str, PgData
                     prev.permissions | grant.permissions, prev.schemas | grant.schemas, sql
                 )
     return out
+
+
+def database_grant(parts: Iterable[Mapping[str, PgDatabaseGrant]], database: str) -> PgDatabaseGrant | None:
+    """What the matching grants allow in ``database``, exactly as Waypoint resolves it.
+
+    ``parts`` are the ``pg.databases`` maps of every matching grant, in grant order. For each,
+    the entry named ``database`` *and* the ``"*"`` entry both contribute (an exact entry does
+    not hide ``"*"``): permissions and schemas are unioned, raw SQL is concatenated in order
+    (exact before ``"*"`` within a grant, grants in order) so a ``REVOKE`` acts where its
+    author put it. ``None`` when no grant has either entry: the database is not granted, even
+    if the listener is (Waypoint's ``auth.DatabasePermissions``).
+    """
+    found = False
+    permissions: set[str] = set()
+    schemas: set[str] = set()
+    sql: list[str] = []
+    for grants in parts:
+        for key in (database, "*"):
+            entry = grants.get(key)
+            if entry is None:
+                continue
+            found = True
+            permissions |= entry.permissions
+            schemas |= entry.schemas
+            sql.extend(entry.sql)
+    if not found:
+        return None
+    return PgDatabaseGrant(frozenset(permissions), frozenset(schemas), tuple(sql))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ Must not: start or stop anything (``ferryman.app`` does) or import connection ha
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from ferryman.audit import AuditLog
 from ferryman.config.model import Config, ListenerConfig
@@ -20,9 +22,19 @@ from ferryman.limits.tracker import LimitTracker
 from ferryman.proxy.access import Access
 from ferryman.proxy.relay import CloseInfo
 from ferryman.proxy.session import Session, SessionRegistry
+from ferryman.proxy.tlssetup import ListenerTLS
 from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTarget:
+    """Where a client's cancel key leads: the backend session of a PostgreSQL listener."""
+
+    listener: str
+    process_id: int
+    secret_key: bytes
 
 
 @dataclass(eq=False)
@@ -36,6 +48,24 @@ class Runtime:
     splice: bool = True
     tailscale: LocalAPIClient | None = None
     """The LocalAPI client of the current configuration (dialling via tailscaled)."""
+    tls: dict[str, ListenerTLS] = field(default_factory=dict)
+    """Server TLS per listener name (certificates chosen by SNI, client certificates)."""
+    provisioners: dict[str, Any] = field(default_factory=dict)
+    """Role provisioner per PostgreSQL listener name (``proxy.pg.RoleProvisioner``)."""
+    pg_cancel: dict[tuple[int, bytes], CancelTarget] = field(default_factory=dict)
+    """Our (process id, secret key) handed to a client → its backend session."""
+    listeners: dict[str, ListenerConfig] = field(default_factory=dict)
+    """The running listeners' configuration by name (kept current by the gateway)."""
+
+    def listener_config(self, name: str) -> ListenerConfig | None:
+        return self.listeners.get(name)
+
+    def new_cancel_key(self) -> tuple[int, bytes]:
+        """A fresh (process id, secret key) for a client; unguessable, never reused while live."""
+        while True:
+            key = (secrets.randbelow(2**31 - 2) + 1, secrets.token_bytes(4))
+            if key not in self.pg_cancel:
+                return key
 
     def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
         return self.config.sources_for(listener)

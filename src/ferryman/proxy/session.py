@@ -14,10 +14,11 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferryman._aio import spawn
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.limits.tracker import Lease, LimitTracker
 from ferryman.policy.engine import Authorization
@@ -26,6 +27,8 @@ from ferryman.proxy.relay import DOWN, UP, CloseInfo, Relay
 from ferryman.units import format_duration
 
 _counter = itertools.count(1)
+_closers: set[asyncio.Task[Any]] = set()
+"""Graceful-close tasks in flight (each bounded to a few seconds)."""
 _prefix = os.urandom(3).hex()
 
 
@@ -53,6 +56,14 @@ class Session:
     relay: Relay | None = None
     close_info: CloseInfo | None = None
     idle_timeout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Mode-specific fields for the admin API and the close record (database, role…)."""
+    recheck: Callable[[Authorization], Awaitable[None]] | None = None
+    """Mode-specific revalidation (raises AccessDenied to revoke)."""
+    graceful_close: Callable[[], Awaitable[None]] | None = None
+    """How to end the session cleanly on ``revoked`` (PostgreSQL: terminate the backend so the
+    client gets the server's own FATAL 57P01 at a message boundary)."""
+    _pending: CloseInfo | None = None
     _limits: Limits = field(default_factory=Limits)
     _duration_timer: asyncio.TimerHandle | None = None
     _idle_timer: asyncio.TimerHandle | None = None
@@ -68,9 +79,27 @@ class Session:
         relay.done.add_done_callback(self._on_relay_done)
 
     def close(self, reason: str, detail: str = "") -> None:
-        """End the session now with ``reason`` (idempotent)."""
-        if self.relay is not None:
-            self.relay.close(reason, "gateway", detail)
+        """End the session with ``reason`` (idempotent); ``revoked`` goes through
+        :attr:`graceful_close` when the mode has one, with a hard close after 2 s."""
+        relay = self.relay
+        if relay is None or relay.closed:
+            return
+        if reason == "revoked" and self.graceful_close is not None and self._pending is None:
+            self._pending = CloseInfo(reason, "gateway", detail)
+            spawn(self._close_gracefully(), name=f"close {self.id}", owner=_closers)
+            return
+        relay.close(reason, "gateway", detail)
+
+    async def _close_gracefully(self) -> None:
+        relay = self.relay
+        assert relay is not None and self.graceful_close is not None and self._pending is not None
+        try:
+            async with asyncio.timeout(2.0):
+                await self.graceful_close()
+                await asyncio.shield(relay.done)
+        except Exception:  # the hard close below still happens
+            pass
+        relay.close(self._pending.reason, "gateway", self._pending.detail)
 
     def update(self, auth: Authorization) -> None:
         """Apply a re-checked grant: limits may have changed (revalidation)."""
@@ -139,7 +168,7 @@ class Session:
             if timer is not None:
                 timer.cancel()
         self.lease.release()
-        self.close_info = fut.result()
+        self.close_info = self._pending or fut.result()
         self.on_close(self, self.close_info)
 
     def describe(self) -> dict[str, Any]:
@@ -157,6 +186,7 @@ class Session:
             "bytes_down": self.bytes_down,
             "duration": round(self.duration, 3),
             "started": self.started,
+            **self.extra,
         }
 
 

@@ -17,6 +17,7 @@ Wire behaviour follows ``client/local/local.go`` and ``client/local/cert.go``:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 from dataclasses import dataclass, field
@@ -132,6 +133,22 @@ class LocalAPIClient:
         if resp.status != 200:
             raise self._status_error(resp, target, not_found=PeerNotFound)
         return decode_whois(resp.body)
+
+    async def cert_domains(self, *, timeout: float | None = None) -> tuple[str, ...]:
+        """The names tailscaled can fetch certificates for (``Status.CertDomains``, in the
+        order it reports them; the first is the node's own MagicDNS name)."""
+        target = "/localapi/v0/status?peers=false"
+        resp = await self._call("status", "GET", target, timeout=timeout)
+        if resp.status != 200:
+            raise self._status_error(resp, target)
+        try:
+            status = json.loads(resp.body)
+            domains = status.get("CertDomains") or []
+            if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+                raise ValueError("CertDomains is not a list of strings")
+        except (ValueError, AttributeError) as exc:
+            raise LocalAPIProtocolError(f"bad status answer: {exc}", socket_path=self.socket_path) from exc
+        return tuple(domains)
 
     async def cert_pair(
         self, domain: str, *, min_validity: float = 0, timeout: float | None = None

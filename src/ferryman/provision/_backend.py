@@ -1,0 +1,260 @@
+"""Connections to the backend the provisioner manages: pools, transactions, locks, flavour.
+
+Owns: the admin connection pool (the backend's admin database), a small lazily created pool
+per target database (``GRANT … ON ALL TABLES IN SCHEMA`` and ``REASSIGN/DROP OWNED`` act on
+the current database only), retrying a transaction that lost a race, the cross-gateway locks,
+and telling PostgreSQL from CockroachDB.
+
+Must not: decide what to provision (``provisioner``/``sweeper`` do) or build SQL text other
+than the lock statements (``statements`` does).
+
+Locks, and why each exists:
+
+* per role -- ``pg_advisory_xact_lock(k(role))`` in the admin database, so the parallel
+  connections of one person and several gateways provision a role one at a time. The sweeper
+  takes the same key at session level (``pg_try_advisory_lock``) while it drops the role.
+* per group -- the same, on the group's key, around creating a group role shared by people.
+* per target database -- one advisory key taken around every GRANT batch in that database:
+  concurrent GRANTs that rewrite the same catalog row (a table's ACL, the database's ACL)
+  fail with "tuple concurrently updated" (XX000) instead of waiting.
+
+CockroachDB has no advisory locks: the role lock becomes ``SELECT … FOR UPDATE`` on the
+role's registry row, and the other two rely on its serializable transactions plus retry
+(40001). Advisory keys are per database in PostgreSQL; all role and group keys are taken in
+the admin database, so every gateway meets on the same ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from ferryman.errors import BackendUnavailable
+
+from .statements import Registry
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[object, ...]]
+Flavor = Literal["postgres", "cockroach"]
+
+RETRY_ATTEMPTS = 4
+_GRANTS_KEY = "ferryman:grants"
+
+
+def lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for ``name`` (stable across processes and gateways)."""
+    digest = hashlib.sha256(b"ferryman-lock\x00" + name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _retryable(exc: psycopg.Error) -> bool:
+    if isinstance(exc, errors.SerializationFailure | errors.DeadlockDetected):
+        return True
+    # Concurrent GRANT/REVOKE on one catalog row; PostgreSQL reports it as an internal error.
+    return isinstance(exc, errors.InternalError_) and "concurrently" in str(exc)
+
+
+@dataclass
+class _DbPool:
+    pool: AsyncConnectionPool[Conn]
+    users: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    flavor: Flavor
+    version: str
+    admin_user: str
+    admin_database: str
+
+
+class Backend:
+    """Pools and transactions against one backend; one per :class:`Provisioner`."""
+
+    def __init__(
+        self,
+        admin_conninfo: str,
+        *,
+        admin_pool_size: int = 4,
+        db_pool_size: int = 2,
+        max_db_pools: int = 16,
+    ) -> None:
+        self._conninfo = admin_conninfo
+        self._db_pool_size = db_pool_size
+        self._max_db_pools = max_db_pools
+        self._admin = AsyncConnectionPool(
+            admin_conninfo,
+            connection_class=psycopg.AsyncConnection[tuple[object, ...]],
+            min_size=1,
+            max_size=admin_pool_size,
+            open=False,
+            kwargs={"autocommit": True},
+            name="ferryman-provision-admin",
+        )
+        self._db_pools: OrderedDict[str, _DbPool] = OrderedDict()
+        self._pools_lock = asyncio.Lock()
+        self._info: ServerInfo | None = None
+
+    @property
+    def info(self) -> ServerInfo:
+        if self._info is None:
+            raise RuntimeError("Backend.open() has not run")
+        return self._info
+
+    @property
+    def cockroach(self) -> bool:
+        return self.info.flavor == "cockroach"
+
+    async def open(self, timeout: float = 30.0) -> ServerInfo:
+        """Open the admin pool and learn who and what we are talking to."""
+        try:
+            await self._admin.open(wait=True, timeout=timeout)
+        except psycopg.OperationalError as exc:
+            raise BackendUnavailable(f"provisioning admin connection failed: {exc}") from exc
+        async with self._admin.connection() as conn:
+            cur = await conn.execute("SELECT version(), current_user, current_database()")
+            version, user, database = await _one(cur)
+        flavor: Flavor = "cockroach" if "CockroachDB" in str(version) else "postgres"
+        self._info = ServerInfo(flavor, str(version), str(user), str(database))
+        return self._info
+
+    async def close(self) -> None:
+        async with self._pools_lock:
+            pools = [p.pool for p in self._db_pools.values()]
+            self._db_pools.clear()
+        for pool in pools:
+            await pool.close()
+        await self._admin.close()
+
+    @contextlib.asynccontextmanager
+    async def connection(self, database: str | None = None) -> AsyncIterator[Conn]:
+        """A pooled autocommit connection to ``database`` (default: the admin database)."""
+        if database is None or database == self.info.admin_database:
+            async with self._admin.connection() as conn:
+                yield conn
+            return
+        entry = await self._db_pool(database)
+        try:
+            async with entry.pool.connection() as conn:
+                yield conn
+        finally:
+            entry.users -= 1
+
+    async def _db_pool(self, database: str) -> _DbPool:
+        async with self._pools_lock:
+            entry = self._db_pools.get(database)
+            if entry is None:
+                params = conninfo_to_dict(self._conninfo)
+                params["dbname"] = database
+                entry = _DbPool(
+                    AsyncConnectionPool(
+                        make_conninfo("", **params),
+                        connection_class=psycopg.AsyncConnection[tuple[object, ...]],
+                        min_size=0,
+                        max_size=self._db_pool_size,
+                        max_idle=60.0,
+                        open=False,
+                        kwargs={"autocommit": True},
+                        name=f"ferryman-provision-db-{len(self._db_pools)}",
+                    )
+                )
+                await entry.pool.open(wait=False)
+                self._db_pools[database] = entry
+                await self._evict_idle()
+            self._db_pools.move_to_end(database)
+            entry.users += 1
+            return entry
+
+    async def _evict_idle(self) -> None:
+        # Bounded: the least recently used pools nobody is using go first; pools in use stay
+        # even past the bound (closing them would cut a transaction in flight).
+        for name in list(self._db_pools):
+            if len(self._db_pools) <= self._max_db_pools:
+                return
+            if self._db_pools[name].users == 0:
+                await self._db_pools.pop(name).pool.close()
+
+    async def transaction(
+        self, body: Callable[[Conn], Awaitable[T]], *, database: str | None = None, what: str = "provision"
+    ) -> T:
+        """Run ``body`` in one transaction, retrying when it lost a race (40001, 40P01, XX000)."""
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                async with self.connection(database) as conn, conn.transaction():
+                    return await body(conn)
+            except psycopg.Error as exc:
+                if attempt == RETRY_ATTEMPTS or not _retryable(exc):
+                    raise
+                logger.debug("%s: retrying after %s (attempt %d)", what, exc.sqlstate, attempt)
+                await asyncio.sleep(0.01 * attempt)
+        raise AssertionError("unreachable")
+
+    # --- locks ---------------------------------------------------------------------------------
+
+    async def lock_role(self, conn: Conn, role: str, registry: Registry) -> None:
+        """Hold the per-role lock until the current transaction ends."""
+        if self.cockroach:
+            await conn.execute(registry.reserve(), (role,))
+            await conn.execute(registry.select(for_update=True), (role,))
+        else:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("role:" + role),))
+
+    async def lock_group(self, conn: Conn, group: str) -> None:
+        if not self.cockroach:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("group:" + group),))
+
+    async def lock_grants(self, conn: Conn) -> None:
+        """Serialise GRANT batches in the connection's database (see module docstring)."""
+        if not self.cockroach:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(_GRANTS_KEY),))
+
+    @contextlib.asynccontextmanager
+    async def try_role_session_lock(self, role: str, registry: Registry) -> AsyncIterator[bool]:
+        """The sweeper's lock on a role across several transactions; yields False when busy."""
+        if self.cockroach:
+            # No session-level locks: the sweeper re-checks last use inside its transactions.
+            yield True
+            return
+        key = lock_key("role:" + role)
+        async with self._admin.connection() as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            (got,) = await _one(cur)
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+async def _one(cur: psycopg.AsyncCursor[tuple[object, ...]]) -> tuple[object, ...]:
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("query returned no row")
+    return row
+
+
+Query = sql.SQL | sql.Composed | str
+Params = Sequence[Any] | Mapping[str, Any] | None
+
+
+async def fetch_one(conn: Conn, query: Query, params: Params = None) -> tuple[object, ...] | None:
+    cur = await conn.execute(query, params)
+    return await cur.fetchone()
+
+
+async def fetch_all(conn: Conn, query: Query, params: Params = None) -> list[tuple[object, ...]]:
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()

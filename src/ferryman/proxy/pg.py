@@ -1,0 +1,386 @@
+"""PostgreSQL mode (SPEC §5): a wire-protocol gateway logging in as per-person roles.
+
+Owns: the life of one PostgreSQL-mode connection: start-up (``proxy.pgstartup``), identity and
+grant for the requested database, effective preset, limits, role provisioning, backend login
+(``proxy.pgbackend``), answering the client (AuthenticationOk, ParameterStatus, our own
+BackendKeyData, ReadyForQuery), the cancel-key map, then relaying the session unchanged.
+Every refusal reaches the client as a FATAL ErrorResponse with the SQLSTATE of SPEC §5.7 and a
+message a person understands; details go to the log and audit, never secrets.
+
+Must not: parse the session after ReadyForQuery (the relay carries it byte for byte) or build
+SQL (``ferryman.provision`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ferryman import pgwire
+from ferryman.config.model import ListenerConfig
+from ferryman.errors import (
+    AccessDenied,
+    BackendAuthFailed,
+    BackendUnavailable,
+    FerrymanError,
+    InvalidParameter,
+    LimitExceeded,
+    LocalProtocolError,
+    PermissionDenied,
+    RemoteProtocolError,
+    ShuttingDown,
+)
+from ferryman.identity.base import Identity, PeerInfo
+from ferryman.limits.tracker import Lease
+from ferryman.policy.engine import Authorization
+from ferryman.policy.model import PgDatabaseGrant
+from ferryman.proxy.pgbackend import (
+    BackendRefused,
+    BackendSide,
+    backend_login,
+    backend_tls_context,
+    send_cancel,
+)
+from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
+from ferryman.proxy.relay import Relay, SocketRelay
+from ferryman.proxy.runtime import CancelTarget, Runtime
+from ferryman.proxy.session import Session, new_connection_id
+from ferryman.proxy.streams import TransportRelay, wrap_plain
+from ferryman.proxy.tcp import peer_info
+
+logger = logging.getLogger(__name__)
+
+
+class RoleLogin(Protocol):
+    role: str
+    password: str | None
+
+
+class RoleProvisioner(Protocol):
+    """What PostgreSQL mode needs from :mod:`ferryman.provision`."""
+
+    async def ensure_login(
+        self,
+        *,
+        user: str,
+        node: str,
+        database: str,
+        grant: PgDatabaseGrant,
+        requested_presets: str | None,
+        allow_raw_sql: bool,
+    ) -> RoleLogin: ...
+
+    async def terminate_backend(self, pid: int) -> None: ...
+
+    def forget(self, role: str) -> None: ...
+
+
+def database_grant(auth: Authorization, database: str) -> PgDatabaseGrant:
+    """What the caller may do in ``database`` (exact entry and ``"*"`` combined, as Waypoint
+    does). Raises PermissionDenied (42501) when no grant covers the database."""
+    grant = auth.database_grant(database)
+    if grant is None:
+        raise PermissionDenied(
+            f"no grant for database {database!r} on {auth.listener}",
+            client_message=f'permission denied for database "{database}"',
+        )
+    return grant
+
+
+def client_message(exc: BaseException) -> tuple[str, str]:
+    """(SQLSTATE, message) for the client; never internals or secrets."""
+    match exc:
+        case AccessDenied():
+            return exc.sqlstate, exc.client_message
+        case LimitExceeded():
+            return (
+                exc.sqlstate,
+                f"too many connections or too much traffic for you: {exc.limit} limit reached",
+            )
+        case InvalidParameter():
+            return exc.sqlstate, str(exc)
+        case BackendAuthFailed():
+            return exc.sqlstate, "the gateway could not log in to the database"
+        case BackendUnavailable():
+            return exc.sqlstate, "the database is not reachable through the gateway"
+        case ShuttingDown():
+            return exc.sqlstate, "the gateway is shutting down"
+        case RemoteProtocolError():
+            return exc.sqlstate, str(exc)
+        case TimeoutError():
+            return "08006", "timed out"
+        case _:
+            return "58000", "internal error in the gateway (see its log)"
+
+
+async def _send_fatal(client: ClientSide, server: pgwire.ServerConnection, code: str, message: str) -> None:
+    error = pgwire.ErrorResponse.fatal(code, message)
+    try:
+        data = server.send(error)
+    except LocalProtocolError:
+        data = error.encode()
+    try:
+        async with asyncio.timeout(2):
+            await client.send(data)
+    except (OSError, TimeoutError):
+        pass
+
+
+async def serve_postgres(
+    rt: Runtime, listener: ListenerConfig, sock: socket.socket, addr: tuple[Any, ...]
+) -> None:
+    """Handle one accepted connection on a PostgreSQL-mode listener; owns ``sock``."""
+    assert listener.postgres is not None
+    conn_id = new_connection_id()
+    peer = peer_info(sock, addr, listener.name)
+    client = ClientSide(sock)
+    server = pgwire.ServerConnection()
+    identity: Identity | None = None
+    lease: Lease | None = None
+    backend: BackendSide | None = None
+    try:
+        try:
+            async with asyncio.timeout(listener.postgres.handshake_timeout):
+                asked = await read_startup(
+                    client,
+                    server,
+                    tls_mode=listener.tls_mode,
+                    tls=rt.tls.get(listener.name),
+                    handshake_timeout=listener.postgres.handshake_timeout,
+                )
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            logger.info("%s: start-up from %s failed: %s", listener.name, peer.remote_addr, exc)
+            client.close()
+            return
+        if isinstance(asked, CancelAsked):
+            await _forward_cancel(rt, asked)
+            client.close()
+            return
+        startup = asked
+        peer = dataclasses.replace(peer, sni=client.sni, peer_cert_der=client.peer_cert_der)
+        if rt.draining:
+            raise ShuttingDown("gateway is shutting down")
+        async with asyncio.timeout(listener.identity_timeout):
+            identity = await rt.access.identify(peer, rt.sources_for(listener))
+        auth = rt.access.authorize(identity, peer, listener.name)
+        grant = database_grant(auth, startup.database)
+        provisioner = rt.provisioners.get(listener.name)
+        if provisioner is None:
+            raise BackendUnavailable(f"no provisioner for {listener.name} (backend admin connection failed)")
+        lease = rt.tracker.acquire(identity.user, listener.name, auth.user_limits, auth.listener_limits)
+        for attempt in (1, 2):
+            login = await provisioner.ensure_login(
+                user=identity.user,
+                node=identity.node,
+                database=startup.database,
+                grant=grant,
+                requested_presets=startup.requested_presets,
+                allow_raw_sql=listener.postgres.allow_raw_sql,
+            )
+            try:
+                backend, codec = await backend_login(
+                    rt,
+                    listener,
+                    role=login.role,
+                    password=login.password,
+                    database=startup.database,
+                    parameters=startup.forward,
+                    tls=backend_tls_context(listener),
+                )
+                break
+            except BackendAuthFailed:
+                # A cached password may be stale (another gateway rotated it, or the role was
+                # swept): forget the cached verdict and provision once more.
+                if attempt == 2:
+                    raise
+                provisioner.forget(login.role)
+    except BackendRefused as exc:
+        # The backend's own words (e.g. 3D000 database does not exist) are the useful answer.
+        await client.send(exc.error.encode())
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        return
+    except (FerrymanError, TimeoutError) as exc:
+        code, message = client_message(exc)
+        if isinstance(exc, FerrymanError) and exc.sqlstate == "58000":
+            logger.error("%s: internal error for %s: %s", listener.name, peer.remote_addr, exc)
+        await _send_fatal(client, server, code, message)
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        return
+    except Exception as exc:
+        logger.exception("%s: unexpected failure during start-up", listener.name)
+        await _send_fatal(client, server, "58000", "internal error in the gateway (see its log)")
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        return
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        if backend is not None:
+            backend.close()
+        client.close()
+        raise
+    assert backend is not None
+    admitted = _Admitted(
+        conn_id, peer, client, server, backend, codec, identity, auth, lease, login, startup, provisioner
+    )
+    await _run_session(rt, listener, admitted)
+
+
+@dataclass(eq=False)
+class _Admitted:
+    """Everything known once the backend login succeeded."""
+
+    conn_id: str
+    peer: PeerInfo
+    client: ClientSide
+    server: pgwire.ServerConnection
+    backend: BackendSide
+    codec: pgwire.ClientConnection
+    identity: Identity
+    auth: Authorization
+    lease: Lease
+    login: RoleLogin
+    startup: Startup
+    provisioner: RoleProvisioner
+
+
+def _refused(
+    rt: Runtime,
+    conn_id: str,
+    listener: ListenerConfig,
+    peer: PeerInfo,
+    identity: Identity | None,
+    exc: BaseException,
+    client: ClientSide,
+    lease: Lease | None,
+    backend: BackendSide | None,
+) -> None:
+    if lease is not None:
+        lease.release()
+    if backend is not None:
+        backend.close()
+    client.close()
+    rt.audit_refusal(conn_id, listener, peer, identity, exc)
+
+
+async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> None:
+    conn_id, peer, client, server, backend, codec = a.conn_id, a.peer, a.client, a.server, a.backend, a.codec
+    identity, auth, lease, login, startup, provisioner = (
+        a.identity,
+        a.auth,
+        a.lease,
+        a.login,
+        a.startup,
+        a.provisioner,
+    )
+    loop = asyncio.get_running_loop()
+    key = codec.backend_key_data
+    our_pid, our_secret = rt.new_cancel_key()
+    if key is not None:
+        rt.pg_cancel[(our_pid, our_secret)] = CancelTarget(listener.name, key.process_id, key.secret_key)
+    try:
+        out = [server.send(pgwire.AuthenticationOk())]
+        out += [server.send(pgwire.ParameterStatus(k, v)) for k, v in codec.server_parameters.items()]
+        out.append(server.send(pgwire.BackendKeyData(our_pid, our_secret)))
+        out.append(server.send(pgwire.ReadyForQuery(codec.transaction_status or "I")))
+        await client.send(b"".join(out))
+    except (OSError, LocalProtocolError) as exc:
+        rt.pg_cancel.pop((our_pid, our_secret), None)
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        return
+    rt.audit.write(
+        "decision",
+        id=conn_id,
+        listener=listener.name,
+        mode="postgres",
+        allowed=True,
+        user=identity.user,
+        node=identity.node,
+        identity_source=identity.source,
+        source=peer.remote_addr,
+        database=startup.database,
+        role=login.role,
+        grants=list(auth.origins),
+    )
+    up, down = server.trailing_data, codec.trailing_data
+    session = Session(
+        id=conn_id,
+        listener=listener.name,
+        mode="postgres",
+        identity=identity,
+        peer=peer,
+        backend=listener.backend,
+        auth=auth,
+        lease=lease,
+        tracker=rt.tracker,
+        on_close=rt.session_closed,
+        idle_timeout=listener.idle_timeout,
+    )
+    session.extra = {"database": startup.database, "role": login.role}
+    session.recheck = _rechecker(session, listener, startup, provisioner)
+    if key is not None:
+        session.graceful_close = _terminator(provisioner, key.process_id)
+    relay: Relay
+    if client.conn is None and backend.conn is None:
+        relay = SocketRelay(loop, client.sock, backend.sock, session.on_bytes, splice=rt.splice)
+    else:
+        client_conn = client.conn or await wrap_plain(client.sock, server_side=True)
+        backend_conn = backend.conn or await wrap_plain(backend.sock, server_side=False)
+        relay = TransportRelay(loop, client_conn, backend_conn, session.on_bytes)
+    rt.sessions.add(session)
+    session.attach(relay)
+    relay.start(initial_up=up, initial_down=down)
+    try:
+        await asyncio.shield(relay.done)
+    finally:
+        relay.close("shutdown")
+        rt.pg_cancel.pop((our_pid, our_secret), None)
+
+
+def _rechecker(
+    session: Session, listener: ListenerConfig, startup: Startup, provisioner: RoleProvisioner
+) -> Callable[[Authorization], Awaitable[None]]:
+    """Revalidation for a PostgreSQL session: the database grant must still be there, and a
+    changed grant is reconciled on the live role (memberships follow the new preset)."""
+    assert listener.postgres is not None
+    allow_raw_sql = listener.postgres.allow_raw_sql
+
+    async def recheck(auth: Authorization) -> None:
+        grant = database_grant(auth, startup.database)
+        if session.auth.database_grant(startup.database) != grant:
+            await provisioner.ensure_login(
+                user=session.identity.user,
+                node=session.identity.node,
+                database=startup.database,
+                grant=grant,
+                requested_presets=startup.requested_presets,
+                allow_raw_sql=allow_raw_sql,
+            )
+
+    return recheck
+
+
+def _terminator(provisioner: RoleProvisioner, backend_pid: int) -> Callable[[], Awaitable[None]]:
+    async def terminate() -> None:
+        # PostgreSQL itself then sends FATAL 57P01 at a message boundary and closes.
+        await provisioner.terminate_backend(backend_pid)
+
+    return terminate
+
+
+async def _forward_cancel(rt: Runtime, asked: CancelAsked) -> None:
+    target = rt.pg_cancel.get((asked.request.process_id, asked.request.secret_key))
+    if target is None:
+        return  # unknown keys are dropped silently, as PostgreSQL does
+    listener = rt.listener_config(target.listener)
+    if listener is None:
+        return
+    try:
+        await send_cancel(rt, listener, target.process_id, target.secret_key)
+    except FerrymanError as exc:
+        logger.info("cancel for %s not delivered: %s", target.listener, exc)

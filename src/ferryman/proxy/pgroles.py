@@ -1,0 +1,139 @@
+"""One PostgreSQL listener's role management, as the session code sees it.
+
+Owns: :class:`PgRoles` -- building the :class:`ferryman.provision.provisioner.Provisioner` for a
+listener's backend from ``[listeners.postgres]`` (admin connection: host/port of the backend,
+``admin_user``/``admin_password``/``admin_database``, TLS as ``backend_tls``), mapping database
+failures to gateway errors (admin connection down → 08006, anything else → 58000 with details
+in the log), terminating a backend session (for a revoked grant), and the periodic sweep of
+idle managed roles.
+
+Must not: build SQL for roles (``provision`` does) or know about client connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+from ferryman.config.model import ListenerConfig
+from ferryman.errors import BackendUnavailable, FerrymanError
+from ferryman.policy.model import PgDatabaseGrant
+from ferryman.provision.provisioner import Provisioner, ProvisionerSettings, RoleLogin
+
+logger = logging.getLogger(__name__)
+
+
+class ProvisioningFailed(FerrymanError):
+    """The backend refused or failed a provisioning statement (details logged, not sent)."""
+
+    kind = "provisioning"
+
+
+def admin_conninfo(listener: ListenerConfig) -> str:
+    assert listener.postgres is not None
+    host, port = listener.backend_address
+    pg = listener.postgres
+    params: dict[str, str | int] = {
+        "host": host,
+        "port": port,
+        "user": pg.admin_user,
+        "dbname": pg.admin_database,
+        "application_name": f"ferryman {listener.name}",
+        "connect_timeout": max(1, int(listener.dial_timeout)),
+    }
+    if pg.admin_password:
+        params["password"] = pg.admin_password
+    if listener.backend_tls == "off":
+        params["sslmode"] = "prefer"
+    else:
+        params["sslmode"] = listener.backend_tls
+        if listener.backend_ca_file:
+            params["sslrootcert"] = listener.backend_ca_file
+    return make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+class PgRoles:
+    """Role provisioning for one PostgreSQL listener."""
+
+    def __init__(self, listener: ListenerConfig) -> None:
+        assert listener.postgres is not None
+        self.listener = listener.name
+        pg = listener.postgres
+        self.provisioner = Provisioner(
+            admin_conninfo(listener),
+            ProvisionerSettings(
+                prefix=pg.user_prefix,
+                user_ttl=pg.user_ttl,
+                reassign_to=pg.admin_user,
+                password_format=pg.password_encryption,
+            ),
+        )
+        self.sweep_interval = pg.sweep_interval
+        self._opened = False
+
+    async def open(self) -> None:
+        try:
+            info = await self.provisioner.open()
+        except psycopg.Error as exc:
+            raise BackendUnavailable(f"admin connection for {self.listener} failed: {exc}") from exc
+        self._opened = True
+        logger.info("listener %s: provisioning on %s", self.listener, info)
+
+    async def close(self) -> None:
+        await self.provisioner.close()
+
+    async def ensure_login(
+        self,
+        *,
+        user: str,
+        node: str,
+        database: str,
+        grant: PgDatabaseGrant,
+        requested_presets: str | None,
+        allow_raw_sql: bool,
+    ) -> RoleLogin:
+        if not self._opened:
+            await self.open()
+        try:
+            return await self.provisioner.ensure_login(
+                user, node, database, grant, requested_presets=requested_presets, allow_raw_sql=allow_raw_sql
+            )
+        except psycopg.OperationalError as exc:
+            raise BackendUnavailable(f"admin connection for {self.listener}: {exc}") from exc
+        except psycopg.Error as exc:
+            logger.error("listener %s: provisioning %s failed: %s", self.listener, user, exc)
+            raise ProvisioningFailed(f"provisioning failed: {exc}") from exc
+
+    def forget(self, role: str) -> None:
+        self.provisioner.forget(role)
+
+    async def terminate_backend(self, pid: int) -> None:
+        """End a backend session the way PostgreSQL's admins do: the server sends FATAL 57P01."""
+        try:
+            async with self.provisioner.backend.connection() as conn:
+                await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        except psycopg.Error as exc:
+            logger.warning("listener %s: could not terminate backend %d: %s", self.listener, pid, exc)
+
+    async def sweep_forever(self, live_roles: Callable[[], Collection[str]]) -> None:
+        """Drop idle managed roles every ``sweep_interval`` seconds (never the live ones)."""
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            if not self._opened:
+                continue
+            try:
+                dropped = await self.provisioner.sweep(live_roles=live_roles())
+            except (psycopg.Error, FerrymanError) as exc:
+                logger.warning("listener %s: role sweep failed: %s", self.listener, exc)
+                continue
+            if dropped:
+                logger.info(
+                    "listener %s: dropped %d idle role(s)",
+                    self.listener,
+                    len(dropped),
+                    extra={"roles": dropped},
+                )

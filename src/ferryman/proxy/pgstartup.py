@@ -1,0 +1,189 @@
+"""PostgreSQL mode, client side of the start-up: from accepted socket to StartupMessage.
+
+Owns: driving :class:`ferryman.pgwire.ServerConnection` over the accepted socket: SSLRequest
+answered by ``tls_mode`` (then TLS with SNI certificate choice), GSSENCRequest answered ``N``,
+CancelRequest handed back to the caller, the StartupMessage returned; bytes pipelined behind an
+SSLRequest refused (CVE-2021-23214); and the per-connection preset request in the start-up
+parameters.
+
+Must not: identify, authorize or talk to the backend (``proxy.pg`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+
+from ferryman import pgwire
+from ferryman.errors import AccessDenied, RemoteProtocolError
+from ferryman.proxy.streams import Conn, accept_tls
+from ferryman.proxy.tlssetup import ListenerTLS
+
+PRESET_PARAMETERS = ("ferryman_presets", "waypoint_presets")
+PRESET_SETTINGS = ("ferryman.presets", "waypoint.presets")
+DROPPED_PARAMETERS = frozenset({"user", "database", *PRESET_PARAMETERS})
+
+
+@dataclass(eq=False)
+class ClientSide:
+    """The client's connection: a raw socket until TLS starts, then a :class:`Conn`."""
+
+    sock: socket.socket
+    conn: Conn | None = None
+    sni: str | None = None
+    peer_cert_der: bytes | None = None
+
+    async def recv(self) -> bytes:
+        if self.conn is not None:
+            return await self.conn.read(65536)
+        return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+
+    async def send(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+            await self.conn.drain()
+        else:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+        self.sock.close()
+
+    @property
+    def tls(self) -> bool:
+        return self.conn is not None
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What the client asked for."""
+
+    message: pgwire.StartupMessage
+    database: str
+    user: str
+    requested_presets: str | None
+    forward: dict[str, str] = field(default_factory=dict)
+    """Start-up parameters to pass to the backend (ours and user/database removed)."""
+
+
+@dataclass(frozen=True)
+class CancelAsked:
+    request: pgwire.CancelRequest
+
+
+def split_options(options: str) -> list[str]:
+    """Split libpq's ``options`` like the server does: whitespace, backslash escapes."""
+    out: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if current:
+                out.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        out.append("".join(current))
+    return out
+
+
+def _join_options(words: list[str]) -> str:
+    return " ".join(w.replace("\\", "\\\\").replace(" ", "\\ ") for w in words)
+
+
+def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """Our preset request (``ferryman_presets``, ``-c ferryman.presets=…``, Waypoint aliases)
+    and the parameters to forward, with our settings removed from ``options``."""
+    forward = {k: v for k, v in parameters.items() if k not in DROPPED_PARAMETERS}
+    requested: list[str] = [parameters[k] for k in PRESET_PARAMETERS if parameters.get(k)]
+    options = parameters.get("options")
+    if options:
+        words = split_options(options)
+        kept: list[str] = []
+        i = 0
+        while i < len(words):
+            word = words[i]
+            setting: str | None = None
+            if word == "-c" and i + 1 < len(words):
+                setting, i = words[i + 1], i + 2
+            elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
+                setting, i = word[2:], i + 1
+            else:
+                kept.append(word)
+                i += 1
+                continue
+            name, _, value = setting.partition("=")
+            if name.strip().lower() in PRESET_SETTINGS:
+                requested.append(value)
+            else:
+                kept.extend(["-c", setting])
+        if kept:
+            forward["options"] = _join_options(kept)
+        else:
+            forward.pop("options", None)
+    return (",".join(requested) if requested else None), forward
+
+
+async def read_startup(
+    client: ClientSide,
+    server: pgwire.ServerConnection,
+    *,
+    tls_mode: str,
+    tls: ListenerTLS | None,
+    handshake_timeout: float,
+) -> Startup | CancelAsked:
+    """Run the untyped start-up phase on ``client`` with the codec ``server``.
+
+    Raises RemoteProtocolError (08P01), TLSRequired (28000), ``ssl.SSLError``/``OSError`` or
+    TimeoutError; the caller answers (when it still can) and closes.
+    """
+    sock = client.sock
+    while True:
+        event = server.next_event()
+        match event:
+            case pgwire.NeedData.NEED_DATA:
+                data = await client.recv()
+                server.receive_data(data)
+            case pgwire.SSLRequest():
+                accept = tls_mode != "off" and tls is not None
+                await client.send(server.send(pgwire.SSLResponse(accept)))
+                if not accept:
+                    continue
+                if server.trailing_data:
+                    # Sent in clear text before the handshake: never treat as encrypted.
+                    raise RemoteProtocolError("data received after SSLRequest before the TLS handshake")
+                assert tls is not None
+                client.conn = await accept_tls(sock, tls.context, handshake_timeout)
+                server.tls_established()
+                info = tls.info(client.conn)
+                client.sni, client.peer_cert_der = info.sni, info.peer_cert_der
+            case pgwire.GSSENCRequest():
+                await client.send(server.send(pgwire.GSSENCResponse(False)))
+            case pgwire.CancelRequest():
+                return CancelAsked(event)
+            case pgwire.StartupMessage():
+                if tls_mode == "require" and not client.tls:
+                    raise TLSRequired(
+                        "plaintext start-up on a TLS-only service",
+                        client_message=("this service requires TLS (use sslmode=require or stronger)"),
+                    )
+                params = dict(event.parameters)
+                presets, forward = extract_presets(params)
+                user = event.user or ""
+                return Startup(event, event.database or user, user, presets, forward)
+            case pgwire.ConnectionClosed():
+                raise ConnectionResetError("client closed during start-up")
+            case _:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} during start-up")
+
+
+class TLSRequired(AccessDenied):
+    """A plaintext StartupMessage on a ``tls_mode = "require"`` listener (28000, as PostgreSQL)."""
