@@ -369,3 +369,23 @@ def test_tls_established_out_of_phase() -> None:
 def test_constructor_rejects_useless_limits() -> None:
     with pytest.raises(ValueError):
         pw.ServerConnection(max_startup_packet=4)
+
+
+def test_direct_tls_then_startup_and_no_ssl_request_afterwards() -> None:
+    server = pw.ServerConnection()
+    server.tls_established_direct()
+    server.receive_data(pw.SSLRequest().encode())
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+    server = pw.ServerConnection()
+    server.tls_established_direct()
+    server.receive_data(pw.StartupMessage({"user": "u", "database": "d"}).encode())
+    assert isinstance(server.next_event(), pw.StartupMessage)
+
+
+def test_direct_tls_only_before_the_first_packet() -> None:
+    server = pw.ServerConnection()
+    server.receive_data(pw.SSLRequest().encode())
+    assert isinstance(server.next_event(), pw.SSLRequest)
+    with pytest.raises(LocalProtocolError):
+        server.tls_established_direct()

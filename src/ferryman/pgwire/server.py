@@ -338,6 +338,18 @@ class ServerConnection:
         self._gss_done = True
         self._phase = Phase.STARTUP
 
+    def tls_established_direct(self) -> None:
+        """The client opened with TLS directly (PostgreSQL 17 ``sslnegotiation=direct``) and
+        the handshake finished: no SSLRequest or GSSENCRequest may follow.
+
+        Raises:
+            LocalProtocolError: anything was already received or answered.
+        """
+        if self._phase is not Phase.STARTUP or self._buf or self._ssl_done or self._gss_done:
+            raise LocalProtocolError("direct TLS is only possible before the first packet")
+        self._ssl_done = True
+        self._gss_done = True
+
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, message: ServerMessage) -> bytes:

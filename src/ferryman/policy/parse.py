@@ -138,7 +138,7 @@ def _whole(value: Any, where: str) -> int:
         raise GrantError(f"{where}: must not be negative ({value})")
     if value > INT64_MAX:
         raise GrantError(f"{where}: {value} is too large")
-    return value
+    return int(value)
 
 
 def _bytes(value: Any, where: str) -> int:

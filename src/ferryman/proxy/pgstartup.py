@@ -32,6 +32,7 @@ class ClientSide:
     sock: socket.socket
     conn: Conn | None = None
     sni: str | None = None
+    alpn: str | None = None
     peer_cert_der: bytes | None = None
 
     async def recv(self) -> bytes:
@@ -146,6 +147,14 @@ async def read_startup(
     TimeoutError; the caller answers (when it still can) and closes.
     """
     sock = client.sock
+    if tls is not None and tls_mode != "off" and await _starts_with_tls(sock):
+        # PostgreSQL 17's sslnegotiation=direct: TLS from the first byte, ALPN "postgresql".
+        await _start_tls(client, tls, handshake_timeout)
+        server.tls_established_direct()
+        # libpq 17 always offers ALPN "postgresql"; other clients (asyncpg's direct_tls) may
+        # offer none, which we accept. A different protocol is a client talking to the wrong port.
+        if client.alpn not in (None, "postgresql"):
+            raise RemoteProtocolError(f"direct TLS with ALPN {client.alpn!r}: this is a PostgreSQL service")
     while True:
         event = server.next_event()
         match event:
@@ -161,10 +170,8 @@ async def read_startup(
                     # Sent in clear text before the handshake: never treat as encrypted.
                     raise RemoteProtocolError("data received after SSLRequest before the TLS handshake")
                 assert tls is not None
-                client.conn = await accept_tls(sock, tls.context, handshake_timeout)
+                await _start_tls(client, tls, handshake_timeout)
                 server.tls_established()
-                info = tls.info(client.conn)
-                client.sni, client.peer_cert_der = info.sni, info.peer_cert_der
             case pgwire.GSSENCRequest():
                 await client.send(server.send(pgwire.GSSENCResponse(False)))
             case pgwire.CancelRequest():
@@ -183,6 +190,33 @@ async def read_startup(
                 raise ConnectionResetError("client closed during start-up")
             case _:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during start-up")
+
+
+async def _starts_with_tls(sock: socket.socket) -> bool:
+    """Peek at the first byte without consuming it: 0x16 is a TLS handshake record."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), on_readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False
+    return first == b"\x16"
+
+
+async def _start_tls(client: ClientSide, tls: ListenerTLS, timeout: float) -> None:
+    client.conn = await accept_tls(client.sock, tls.context, timeout)
+    info = tls.info(client.conn)
+    client.sni, client.peer_cert_der, client.alpn = info.sni, info.peer_cert_der, info.alpn
 
 
 class TLSRequired(AccessDenied):
