@@ -41,6 +41,7 @@ from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session
 from ferryman.proxy.tcp import serve_tcp
 from ferryman.proxy.tlssetup import ListenerTLS, build_listener_tls
+from ferryman.routing import Router
 from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ def read_policy(config: Config) -> Policy:
     for warning in policy.warnings:
         logger.warning("policy: %s", warning)
     return policy
+
+
+def _routing(item: ListenerConfig) -> tuple[object, ...]:
+    return (item.backend, item.rules, item.sni, item.target_down_time)
 
 
 def _same_backend(a: ListenerConfig, b: ListenerConfig) -> bool:
@@ -183,6 +188,9 @@ class Gateway:
         renewer = self._renewers.pop(item.name, None)
         if renewer is not None:
             await cancel_and_wait([renewer])
+        running_config = self.runtime.listeners.get(item.name)
+        if running_config is None or _routing(running_config) != _routing(item):
+            self.runtime.routers[item.name] = Router(item)
         if tls is None:
             self.runtime.tls.pop(item.name, None)
         else:
@@ -227,6 +235,7 @@ class Gateway:
         if renewer is not None:
             await cancel_and_wait([renewer])
         self.runtime.tls.pop(name, None)
+        self.runtime.routers.pop(name, None)
         await self._stop_provisioner(name)
 
     async def _stop_provisioner(self, name: str) -> None:

@@ -61,7 +61,9 @@ def test_bad_duration_names_key_and_line() -> None:
 
 def test_missing_required_key() -> None:
     text = BASE.replace('backend = "127.0.0.1:6379"\n', "")
-    assert error_of(text) == "gw.toml:6: listeners[0].backend: required key is missing"
+    assert error_of(text) == "gw.toml:6: listeners[0].backend: required (or give rules / sni.forwards_to)"
+    text = BASE.replace('name = "redis"\n', "")
+    assert error_of(text) == "gw.toml:6: listeners[0].name: required key is missing"
 
 
 def test_duplicate_listener_name() -> None:

@@ -130,6 +130,48 @@ class CertificateConfig(_Model):
     key_file: str
 
 
+class TargetConfig(_Model):
+    """Where a route leads (Otoroshi's target): dial ``ip`` (or ``host``), use ``host`` for SNI
+    and certificate checks; ``tls`` wraps the backend side in verified TLS."""
+
+    host: str
+    ip: str | None = None
+    port: int = Field(gt=0, lt=65536)
+    tls: bool = False
+
+    @field_validator("ip")
+    @classmethod
+    def _check_ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            ipaddress.ip_address(value)
+        return value
+
+    @property
+    def dial_host(self) -> str:
+        return self.ip or self.host
+
+
+class SniConfig(_Model):
+    enabled: bool = True
+    forward_if_no_match: bool = False
+    forwards_to: TargetConfig | None = None
+
+
+class RuleConfig(_Model):
+    domain: str
+    """A regular expression matched in full, case-insensitively, against the SNI name (or the
+    HTTP Host header on plaintext listeners); a leading ``*.`` is a wildcard for one or more labels."""
+    targets: tuple[TargetConfig, ...] = Field(min_length=1)
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str) -> str:
+        from ferryman.routing import compile_domain
+
+        compile_domain(value)
+        return value
+
+
 class PostgresConfig(_Model):
     """``[listeners.postgres]``: how the gateway manages roles on the backend (SPEC §5)."""
 
@@ -154,7 +196,23 @@ class ListenerConfig(_Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     listen: str
     mode: Literal["tcp", "postgres"] = "tcp"
-    backend: str
+    backend: str | None = None
+    """``host:port`` to dial; optional when ``rules`` (or ``sni.forwards_to``) say where to go."""
+    tls: Literal["disabled", "passthrough", "enabled"] = "disabled"
+    """TCP listeners: ``passthrough`` routes on the ClientHello's SNI and forwards the TLS bytes
+    untouched; ``enabled`` terminates TLS with the listener's certificates."""
+    sni: SniConfig | None = None
+    rules: tuple[RuleConfig, ...] = ()
+    target_down_time: Duration = 10.0
+    """A target whose dial failed is skipped for this long."""
+    backend_insecure_skip_verify: bool = False
+    """Targets with ``tls = true`` are verified unless this is set (only if you must)."""
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    """Send the client's address to the backend in a PROXY protocol header."""
+    accept_proxy_protocol: bool = False
+    """Require a PROXY protocol header (v1 or v2) from a load balancer in front; its address is
+    the client's for identity, audit and logs."""
+    proxy_protocol_timeout: Duration = 5.0
     identity: tuple[Literal["tailscale", "mtls", "token", "static"], ...] | None = None
     """Identity sources in the order they are tried; default: every configured source."""
     idle_timeout: Duration = 0.0
@@ -192,7 +250,9 @@ class ListenerConfig(_Model):
 
     @field_validator("backend")
     @classmethod
-    def _check_backend(cls, value: str) -> str:
+    def _check_backend(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, _ = split_hostport(value)
         if not host:
             raise ValueError(f"backend needs a host: {value!r}")
@@ -208,7 +268,18 @@ class ListenerConfig(_Model):
 
     @property
     def backend_address(self) -> tuple[str, int]:
+        if self.backend is None:
+            raise ValueError(f"listener {self.name} has no fixed backend")
         return split_hostport(self.backend)
+
+    @property
+    def routes_by_name(self) -> bool:
+        """Whether the backend is chosen per connection from SNI/Host rules."""
+        return bool(self.rules) or (self.sni is not None and self.sni.forwards_to is not None)
+
+    @property
+    def terminates_tls(self) -> bool:
+        return self.tls == "enabled" or (self.mode == "postgres" and self.tls_mode != "off")
 
 
 class Config(_Model):
@@ -266,6 +337,20 @@ class Config(_Model):
                         f"@listeners.{index}.identity: source {source!r} is not configured "
                         f"(configured: {', '.join(sorted(configured)) or 'none'})"
                     )
+            if listener.backend is None and not listener.routes_by_name:
+                raise ValueError(f"@listeners.{index}.backend: required (or give rules / sni.forwards_to)")
+            if listener.mode == "postgres" and listener.tls != "disabled":
+                raise ValueError(f"@listeners.{index}.tls: postgres listeners use tls_mode")
+            if listener.tls == "enabled" and not listener.has_certificates:
+                raise ValueError(
+                    f"@listeners.{index}.tls: 'enabled' needs cert_file/key_file, certificates "
+                    "or use_tailscale_tls"
+                )
+            if listener.mode == "postgres" and listener.routes_by_name and listener.postgres is not None:
+                raise ValueError(
+                    f"@listeners.{index}.rules: postgres listeners with rules are not supported "
+                    "(role provisioning needs one backend); route with separate listeners"
+                )
             if listener.backend_via_tailscale and self.tailscale is None:
                 raise ValueError(f"@listeners.{index}.backend_via_tailscale: needs a [tailscale] section")
             if listener.mode == "postgres" and listener.postgres is None:

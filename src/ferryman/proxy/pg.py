@@ -314,7 +314,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         mode="postgres",
         identity=identity,
         peer=peer,
-        backend=listener.backend,
+        backend=listener.backend or "",
         auth=auth,
         lease=lease,
         tracker=rt.tracker,

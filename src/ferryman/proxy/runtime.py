@@ -23,6 +23,7 @@ from ferryman.proxy.access import Access
 from ferryman.proxy.relay import CloseInfo
 from ferryman.proxy.session import Session, SessionRegistry
 from ferryman.proxy.tlssetup import ListenerTLS
+from ferryman.routing import Router
 from ferryman.tailscale.localapi import LocalAPIClient
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Runtime:
     """The LocalAPI client of the current configuration (dialling via tailscaled)."""
     tls: dict[str, ListenerTLS] = field(default_factory=dict)
     """Server TLS per listener name (certificates chosen by SNI, client certificates)."""
+    routers: dict[str, Router] = field(default_factory=dict)
+    """Target choice per listener name (round robin and down-marking persist across connections)."""
     provisioners: dict[str, Any] = field(default_factory=dict)
     """Role provisioner per PostgreSQL listener name (``proxy.pg.RoleProvisioner``)."""
     pg_cancel: dict[tuple[int, bytes], CancelTarget] = field(default_factory=dict)

@@ -1,26 +1,35 @@
-"""TCP mode (SPEC §4): identify → authorize → count → dial → relay → audit.
+"""TCP mode (SPEC §4, §6): preamble → identify → authorize → count → route and dial → relay.
 
-Owns: the life of one TCP-mode connection, from the accepted socket to its close record.
-Refused connections are closed without a byte sent. A backend that cannot be reached closes
-the client at once with reason ``backend_error``.
+Owns: the life of one TCP-mode connection, from the accepted socket to its close record: an
+optional PROXY protocol header from a load balancer, TLS passthrough (route on the
+ClientHello's SNI, forward the TLS bytes untouched) or termination (``tls = "enabled"``), Host
+routing for plaintext HTTP, target failover with verified backend TLS, and a PROXY header to
+the backend. Refused connections are closed without a byte sent. A backend that cannot be
+reached closes the client at once with reason ``backend_error``.
 
-Must not: parse protocols (the bytes are opaque) or hold state beyond the connection.
+Must not: parse the payload beyond that preamble, or hold state beyond the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
+import ssl
 from typing import Any
 
-from ferryman.config.model import ListenerConfig
-from ferryman.errors import BackendUnavailable, FerrymanError, ShuttingDown
+from ferryman import proxyproto
+from ferryman.config.model import ListenerConfig, TargetConfig
+from ferryman.errors import BackendUnavailable, FerrymanError, RemoteProtocolError, ShuttingDown
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.proxy.dial import dial_tcp
-from ferryman.proxy.relay import SocketRelay
+from ferryman.proxy.preamble import read_proxy_header, sniff_client_hello, sniff_http_host
+from ferryman.proxy.relay import Relay, SocketRelay
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session, new_connection_id
+from ferryman.proxy.streams import Conn, TransportRelay, accept_tls, connect_tls, wrap_plain
+from ferryman.routing import NoRoute, Route
 from ferryman.tailscale.errors import TailscaleError
 
 logger = logging.getLogger(__name__)
@@ -43,13 +52,18 @@ def peer_info(sock: socket.socket, addr: tuple[Any, ...], listener: str) -> Peer
     )
 
 
-async def dial_backend(rt: Runtime, listener: ListenerConfig) -> tuple[socket.socket, bytes]:
-    """Connect to the listener's backend, directly or through tailscaled (``ts-dial``).
+async def dial_backend(
+    rt: Runtime, listener: ListenerConfig, target: TargetConfig | None = None
+) -> tuple[socket.socket, bytes]:
+    """Connect to ``target`` (default: the listener's backend), directly or through tailscaled.
 
     Returns the connected socket and any backend bytes that arrived with the dial answer.
     Raises :class:`BackendUnavailable` with the reason.
     """
-    host, port = listener.backend_address
+    if target is None:
+        host, port = listener.backend_address
+    else:
+        host, port = target.dial_host, target.port
     if not listener.backend_via_tailscale:
         return await dial_tcp(host, port, listener.dial_timeout), b""
     if rt.tailscale is None:
@@ -63,6 +77,62 @@ async def dial_backend(rt: Runtime, listener: ListenerConfig) -> tuple[socket.so
     return dialed.sock, dialed.initial_data
 
 
+def proxy_header(version: str, peer: PeerInfo) -> bytes:
+    """The PROXY header describing the client to the backend."""
+    src = (peer.remote_host, peer.remote_port)
+    dst = (peer.local_host or "0.0.0.0", peer.local_port)
+    try:
+        return proxyproto.encode_v1(src, dst) if version == "v1" else proxyproto.encode_v2(src, dst)
+    except FerrymanError:
+        # An address the header cannot carry (e.g. a unix peer): say so with UNKNOWN/LOCAL.
+        return (
+            proxyproto.encode_v1(None, None)
+            if version == "v1"
+            else proxyproto.encode_v2(None, None, command=proxyproto.Command.LOCAL)
+        )
+
+
+def _backend_tls_context(listener: ListenerConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=listener.backend_ca_file)
+    if listener.backend_insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def connect_route(
+    rt: Runtime, listener: ListenerConfig, route: Route, peer: PeerInfo
+) -> tuple[socket.socket, Conn | None, bytes, TargetConfig]:
+    """Dial the route's targets in turn (failover), send the PROXY header, start backend TLS.
+
+    Returns (socket, TLS Conn or None, backend's first bytes, the target used).
+    Raises BackendUnavailable naming every failure.
+    """
+    router = rt.routers.get(listener.name)
+    failures: list[str] = []
+    for target in route.targets:
+        sock: socket.socket | None = None
+        try:
+            sock, first = await dial_backend(rt, listener, target)
+            if listener.proxy_protocol != "off":
+                await asyncio.get_running_loop().sock_sendall(
+                    sock, proxy_header(listener.proxy_protocol, peer)
+                )
+            conn: Conn | None = None
+            if target.tls:
+                conn = await connect_tls(
+                    sock, _backend_tls_context(listener), target.host, listener.dial_timeout
+                )
+            return sock, conn, first, target
+        except (BackendUnavailable, OSError, ssl.SSLError, TimeoutError) as exc:
+            if sock is not None:
+                sock.close()
+            failures.append(f"{target.dial_host}:{target.port}: {exc}")
+            if router is not None:
+                router.mark_down(target)
+    raise BackendUnavailable("; ".join(failures) or "no target")
+
+
 async def serve_tcp(
     rt: Runtime, listener: ListenerConfig, sock: socket.socket, addr: tuple[Any, ...]
 ) -> None:
@@ -70,16 +140,43 @@ async def serve_tcp(
     conn_id = new_connection_id()
     peer = peer_info(sock, addr, listener.name)
     identity: Identity | None = None
+    client_conn: Conn | None = None
+    initial = b""
+    route_name: str | None = None
     try:
         if rt.draining:
             raise ShuttingDown("gateway is shutting down")
-        async with asyncio.timeout(listener.identity_timeout):
+        async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
+            if listener.accept_proxy_protocol:
+                header = await read_proxy_header(sock)
+                if header.src_addr is not None and header.src_port is not None:
+                    peer = dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
+            if listener.tls == "passthrough":
+                hello, initial = await sniff_client_hello(sock)
+                route_name = hello.sni
+                peer = dataclasses.replace(peer, sni=hello.sni, alpn=hello.alpn[0] if hello.alpn else None)
+            elif listener.tls == "enabled":
+                tls = rt.tls[listener.name]
+                client_conn = await accept_tls(sock, tls.context, listener.identity_timeout)
+                info = tls.info(client_conn)
+                route_name = info.sni
+                peer = dataclasses.replace(
+                    peer, sni=info.sni, alpn=info.alpn, peer_cert_der=info.peer_cert_der
+                )
+            elif listener.routes_by_name:
+                route_name, initial = await sniff_http_host(sock)
             identity = await rt.access.identify(peer, rt.sources_for(listener))
         auth = rt.access.authorize(identity, peer, listener.name)
+        router = rt.routers.get(listener.name)
+        if router is None:
+            raise BackendUnavailable(f"listener {listener.name} has no router")
+        route = router.route(route_name)
         lease = rt.tracker.acquire(identity.user, listener.name, auth.user_limits, auth.listener_limits)
-    except (FerrymanError, TimeoutError) as exc:
+    except (FerrymanError, TimeoutError, NoRoute, ssl.SSLError, OSError) as exc:
+        if client_conn is not None:
+            client_conn.abort()
         sock.close()
-        rt.audit_refusal(conn_id, listener, peer, identity, exc)
+        rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc))
         return
     rt.audit.write(
         "decision",
@@ -91,14 +188,18 @@ async def serve_tcp(
         node=identity.node,
         identity_source=identity.source,
         source=peer.remote_addr,
+        sni=peer.sni,
+        route=route.rule,
         grants=list(auth.origins),
     )
     try:
-        backend, first_bytes = await dial_backend(rt, listener)
+        backend, backend_conn, first_bytes, target = await connect_route(rt, listener, route, peer)
     except BackendUnavailable as exc:
         lease.release()
+        if client_conn is not None:
+            client_conn.abort()
         sock.close()
-        logger.warning("%s: backend %s unavailable: %s", listener.name, listener.backend, exc)
+        logger.warning("%s: backend unavailable: %s", listener.name, exc)
         rt.audit.write(
             "close",
             id=conn_id,
@@ -107,7 +208,7 @@ async def serve_tcp(
             user=identity.user,
             node=identity.node,
             source=peer.remote_addr,
-            backend=listener.backend,
+            backend=_describe(route.targets[0]) if route.targets else "",
             bytes_up=0,
             bytes_down=0,
             duration=0.0,
@@ -126,19 +227,41 @@ async def serve_tcp(
         mode="tcp",
         identity=identity,
         peer=peer,
-        backend=listener.backend,
+        backend=_describe(target),
         auth=auth,
         lease=lease,
         tracker=rt.tracker,
         on_close=rt.session_closed,
         idle_timeout=listener.idle_timeout,
     )
-    relay = SocketRelay(asyncio.get_running_loop(), sock, backend, session.on_bytes, splice=rt.splice)
+    loop = asyncio.get_running_loop()
+    relay: Relay
+    if client_conn is None and backend_conn is None:
+        relay = SocketRelay(loop, sock, backend, session.on_bytes, splice=rt.splice)
+    else:
+        client_side = client_conn or await wrap_plain(sock, server_side=True)
+        backend_side = backend_conn or await wrap_plain(backend, server_side=False)
+        relay = TransportRelay(loop, client_side, backend_side, session.on_bytes)
     rt.sessions.add(session)
     session.attach(relay)
-    relay.start(initial_down=first_bytes)
+    relay.start(initial_up=initial, initial_down=first_bytes)
     try:
         await asyncio.shield(relay.done)
     finally:
         # Cancelled (forced shutdown): the relay must still close and audit.
         relay.close("shutdown")
+
+
+def _describe(target: TargetConfig) -> str:
+    host = target.host if target.ip is None else f"{target.host}@{target.ip}"
+    return f"{host}:{target.port}"
+
+
+def _as_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, NoRoute):
+        return RemoteProtocolError(f"no route: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return RemoteProtocolError(f"TLS handshake failed: {exc.reason or exc}")
+    if isinstance(exc, OSError) and not isinstance(exc, FerrymanError):
+        return RemoteProtocolError(f"connection failed during set-up: {exc.strerror or exc}")
+    return exc

@@ -68,7 +68,9 @@ async def build_listener_tls(
             raise ConfigError("use_tailscale_tls needs [tailscale]", key=f"listeners.{item.name}")
         try:
             domain = item.tailscale_cert_domain or (await tailscale.cert_domains())[0]
-            store = TailscaleCertStore(tailscale, domain)
+            interval = config.tailscale.cert_check_interval if config.tailscale else 3600.0
+            # Retry a renewal that brought nothing new at the check interval, not later.
+            store = TailscaleCertStore(tailscale, domain, retry_interval=interval)
             await store.load()
         except (FerrymanError, IndexError, ValueError) as exc:
             raise ConfigError(
