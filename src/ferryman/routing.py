@@ -53,6 +53,7 @@ class Router:
         self._next: dict[str, int] = {}
         self._down: dict[tuple[str, int], float] = {}
         sni = listener.sni
+        self._use_names = sni is None or sni.enabled
         self._fallback: tuple[TargetConfig, ...] = ()
         self._fallback_rule = ""
         if sni is not None and sni.forward_if_no_match and sni.forwards_to is not None:
@@ -63,7 +64,7 @@ class Router:
 
     def route(self, name: str | None) -> Route:
         """Targets for a connection whose SNI/Host is ``name``. Raises :class:`NoRoute`."""
-        if name:
+        if name and self._use_names:
             for regex, domain, targets in self._rules:
                 if regex.match(name):
                     return Route(self._rotate(domain, targets), domain)

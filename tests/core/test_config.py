@@ -169,3 +169,17 @@ def test_help_lists_subcommands() -> None:
     )
     for command in ("serve", "check", "version"):
         assert command in result.stdout
+
+
+def test_readme_examples_are_valid_configuration() -> None:
+    """Every TOML block in the README must load (documentation that cannot drift)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) >= 2
+    for block in blocks:
+        text = block
+        if "[[listeners]]" in text and "[[identity.static]]" not in text:
+            text = '[[identity.static]]\ncidr = "10.0.0.0/8"\nuser = "x"\n' + text
+        load_config_text(text, file="README.md", env={"FERRYMAN_ADMIN_TOKEN": "t", "PG_ADMIN_PASSWORD": "p"})
