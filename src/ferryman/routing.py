@@ -88,16 +88,34 @@ class Router:
 
 _HOST = re.compile(rb"^host[ \t]*:[ \t]*([^\r\n]*)\r?$", re.IGNORECASE | re.MULTILINE)
 _REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} [^ \r\n]+ HTTP/1\.[01]\r?\n")
+_METHOD_SO_FAR = re.compile(rb"[A-Z]{0,10}")
+_METHOD = re.compile(rb"[A-Z]{3,10}")
+
+
+def _may_become_request_line(head: bytes) -> bool:
+    """Whether ``head`` (no complete line yet) is a prefix of an HTTP/1.x request line."""
+    method, sp, rest = head.partition(b" ")
+    if not sp:
+        return _METHOD_SO_FAR.fullmatch(method) is not None
+    if _METHOD.fullmatch(method) is None:
+        return False
+    target, sp, version = rest.partition(b" ")
+    if not sp:
+        return b"\r" not in target
+    return bool(target) and (b"HTTP/1.0\r".startswith(version) or b"HTTP/1.1\r".startswith(version))
 
 
 def http_host(head: bytes) -> str | bool | None:
     """The Host of a plaintext HTTP/1.x request head: the name (port and case stripped), ``None``
-    when the head is complete but has no Host or is not HTTP, ``False`` when more bytes are needed."""
+    when the head is complete but has no Host or is not HTTP, ``False`` when more bytes are needed.
+
+    Not HTTP is decided as soon as the bytes cannot start a request line (``*1\\r\\n`` from
+    redis-cli, a 6-byte greeting), so such clients are routed at once, not after a timeout."""
     end = head.find(b"\r\n\r\n")
     if end < 0:
-        if not _REQUEST_LINE.match(head) and len(head) >= 16:
-            return None
-        return False
+        if b"\n" in head:
+            return False if _REQUEST_LINE.match(head) else None
+        return False if _may_become_request_line(head) else None
     if not _REQUEST_LINE.match(head):
         return None
     match = _HOST.search(head[: end + 2])

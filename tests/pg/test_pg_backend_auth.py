@@ -59,3 +59,55 @@ async def test_backend_refusing_login_is_28p01(
             )
     assert info.value.sqlstate == "28P01"
     assert "could not log in" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(pg_cluster_factory: Callable[..., PgCluster], tmp_path_factory: pytest.TempPathFactory):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("db.pg.test", "127.0.0.1")
+    cluster = prepare(
+        pg_cluster_factory(
+            "backend-tls", ssl_pair=(cert.cert_chain_pems[0].bytes(), cert.private_key_pem.bytes())
+        )
+    )
+    ca_file = tmp_path_factory.mktemp("backend-ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cluster, str(ca_file)
+
+
+async def _tls_in_use(port: int) -> bool:
+    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="x", database=APPDB, ssl=False)
+    try:
+        return bool(await conn.fetchval("select ssl from pg_stat_ssl where pid = pg_backend_pid()"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("mode", ["off", "require", "verify-full"])
+async def test_backend_tls_modes(tmp_path: Path, tls_cluster, mode: str) -> None:
+    cluster, ca_file = tls_cluster
+    extra = {"backend_tls": mode}
+    if mode == "verify-full":
+        extra["backend_ca_file"] = ca_file
+    files = pg_files(tmp_path, cluster, prefix="bt_", **extra)
+    files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}))
+    async with running_gateway(files):
+        assert await _tls_in_use(listener_port(files)) is (mode != "off")
+
+
+async def test_backend_tls_verify_full_refuses_wrong_ca(tmp_path: Path, tls_cluster) -> None:
+    import trustme
+
+    cluster, _ = tls_cluster
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    files = pg_files(tmp_path, cluster, prefix="bt_", backend_tls="verify-full", backend_ca_file=str(other))
+    files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}))
+    async with running_gateway(files):
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(
+                host="127.0.0.1", port=listener_port(files), user="x", database=APPDB, ssl=False
+            )
+    assert info.value.sqlstate == "08006"

@@ -428,3 +428,26 @@ async def test_pgbench_select_only(tmp_path: Path, cluster: PgCluster) -> None:
             out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert "number of transactions actually processed: 200/200" in out.decode()
+
+
+async def test_sweeper_drops_idle_roles_but_not_live_ones(tmp_path: Path, cluster: PgCluster) -> None:
+    files = pg_files(tmp_path, cluster, prefix="ei_", postgres={"user_ttl": "1s", "sweep_interval": "300ms"})
+    files.grants.append(pg_grant({"*": {"permissions": ["readonly"]}}))
+
+    def roles() -> set[str]:
+        with psycopg.connect(cluster.dsn()) as conn:
+            rows = conn.execute(
+                "select rolname from pg_roles where rolname like 'ei\\_%' and rolcanlogin"
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    async with running_gateway(files):
+        port = listener_port(files)
+        live = await psycopg.AsyncConnection.connect(dsn(port))  # role for appdb, kept open
+        gone = await psycopg.AsyncConnection.connect(dsn(port, "postgres"))  # role for postgres, closed
+        await gone.close()
+        assert roles() == {"ei_dev_localhost__appdb", "ei_dev_localhost__postgres"}
+        await wait_for(lambda: roles() == {"ei_dev_localhost__appdb"}, timeout=15)
+        cur = await live.execute("select count(*) from items")  # the live session kept its role
+        assert (await cur.fetchone()) is not None
+        await live.close()

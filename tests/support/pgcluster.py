@@ -211,8 +211,18 @@ def _settings(port: int, socket_dir: Path) -> str:
     )
 
 
-def start_cluster(name: str, *, default_auth: str = "scram-sha-256", bindir: Path | None = None) -> PgCluster:
-    """initdb + start a cluster; the caller owns it and must call :func:`stop_cluster`."""
+def start_cluster(
+    name: str,
+    *,
+    default_auth: str = "scram-sha-256",
+    bindir: Path | None = None,
+    ssl_pair: tuple[bytes, bytes] | None = None,
+) -> PgCluster:
+    """initdb + start a cluster; the caller owns it and must call :func:`stop_cluster`.
+
+    ``ssl_pair`` = (certificate PEM, key PEM) turns on TLS (``ssl = on``); clients may then
+    use it or not, pg_hba's ``host`` lines accept both.
+    """
     bindir = bindir or find_bindir()
     if bindir is None:
         raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found")
@@ -237,6 +247,16 @@ def start_cluster(name: str, *, default_auth: str = "scram-sha-256", bindir: Pat
             what="initdb",
         )  # fmt: skip
         (cluster.datadir / "pg_hba.conf").write_text(_hba(default_auth))
+        if ssl_pair is not None:
+            for filename, pem in (("server.crt", ssl_pair[0]), ("server.key", ssl_pair[1])):
+                path = cluster.datadir / filename
+                path.write_bytes(pem)
+                path.chmod(0o600)
+                if os.geteuid() == 0:
+                    entry = pwd.getpwnam(SUPERUSER)
+                    os.chown(path, entry.pw_uid, entry.pw_gid)
+            with (cluster.datadir / "postgresql.conf").open("a") as conf:
+                conf.write("\nssl = on\n")
         _run(["mkdir", "-p", str(cluster.socket_dir)], cwd=root, what="mkdir socket dir")
         # A free port can be taken between the probe and the bind: try a few.
         for attempt in range(3):
@@ -332,14 +352,20 @@ def _skip_or_fail(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_cluster_factory() -> Iterator[Callable[..., PgCluster]]:
-    """``factory(name, default_auth="scram-sha-256") -> PgCluster``: one cluster per name per session."""
+    """``factory(name, default_auth="scram-sha-256", ssl_pair=None) -> PgCluster``: one cluster
+    per name per session."""
     clusters: dict[str, PgCluster] = {}
 
-    def factory(name: str = "default", *, default_auth: str = "scram-sha-256") -> PgCluster:
+    def factory(
+        name: str = "default",
+        *,
+        default_auth: str = "scram-sha-256",
+        ssl_pair: tuple[bytes, bytes] | None = None,
+    ) -> PgCluster:
         if name not in clusters:
             if find_bindir() is None:
                 _skip_or_fail("PostgreSQL server binaries not installed (set FERRYMAN_PG_BINDIR)")
-            clusters[name] = start_cluster(name, default_auth=default_auth)
+            clusters[name] = start_cluster(name, default_auth=default_auth, ssl_pair=ssl_pair)
         return clusters[name]
 
     try:

@@ -112,9 +112,8 @@ async def backend_login(
                 if not isinstance(answer, pgwire.SSLResponse) or not answer.accept:
                     raise BackendUnavailable(f"backend {listener.backend} does not offer TLS (backend_tls)")
                 host = listener.backend_address[0]
-                backend.conn = await connect_tls(
-                    sock, tls, host if listener.backend_tls == "verify-full" else None, listener.dial_timeout
-                )
+                # The name goes out as SNI either way; only verify-full's context checks it.
+                backend.conn = await connect_tls(sock, tls, host, listener.dial_timeout)
                 codec.tls_established()
             startup = pgwire.StartupMessage({**parameters, "user": role, "database": database})
             await backend.send(codec.send(startup))
