@@ -36,7 +36,7 @@ from ferryman.policy.parse import load_policy
 from ferryman.proxy.access import Access, AccessGeneration
 from ferryman.proxy.listener import Listener, bind_socket
 from ferryman.proxy.pg import serve_postgres
-from ferryman.proxy.pgroles import PgRoles
+from ferryman.proxy.pgroles import ListenerRoles
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session
 from ferryman.proxy.tcp import serve_tcp
@@ -206,7 +206,7 @@ class Gateway:
         await self._stop_provisioner(item.name)
         if item.mode != "postgres":
             return
-        roles = PgRoles(item)
+        roles = ListenerRoles(item)
         self.runtime.provisioners[item.name] = roles
         try:
             await roles.open()

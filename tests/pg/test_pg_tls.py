@@ -214,3 +214,40 @@ async def served_not_after(port: int, server_name: str, ca_file: str) -> datetim
     not_after = ssl.cert_time_to_seconds(ssl_object.getpeercert()["notAfter"])
     writer.close()
     return datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+
+
+async def test_postgres_listener_routes_by_sni(
+    tmp_path: Path, cluster: PgCluster, pg_cluster_factory, ca: trustme.CA
+) -> None:
+    """Something an L4 proxy cannot do: route a PostgreSQL connection by the SNI the client
+    sent after SSLRequest (Otoroshi's replicas example, with role provisioning per backend)."""
+    from tests.pg.conftest import prepare
+
+    replica = prepare(pg_cluster_factory("sni-replica"))
+    cert = ca.issue_cert("*.pg.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "w.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "w.key"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    files = pg_files(
+        tmp_path,
+        cluster,
+        prefix="t6_",
+        tls_mode="require",
+        cert_file=str(tmp_path / "w.pem"),
+        key_file=str(tmp_path / "w.key"),
+        rules=[
+            {
+                "domain": "*read*",
+                "targets": [{"host": "replica.pg.test", "ip": "127.0.0.1", "port": replica.port}],
+            }
+        ],
+    )
+    files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}))
+    async with running_gateway(files):
+        port = listener_port(files)
+        base = f"hostaddr=127.0.0.1 sslmode=verify-full sslrootcert={ca_file}"
+        code, out, err = await psql(port, f"host=db-read.pg.test {base}", "show port")
+        assert (code, out.strip()) == (0, str(replica.port)), err
+        code, out, err = await psql(port, f"host=primary.pg.test {base}", "show port")
+        assert (code, out.strip()) == (0, str(cluster.port)), err

@@ -13,6 +13,7 @@ Nothing here stands in for ferryman itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 import warnings
 from collections.abc import Sequence
@@ -314,3 +315,51 @@ async def tls_refused(port: int, sni: str | None, *, timeout: float = 5.0) -> bo
     finally:
         writer.close()
     return data == b""
+
+
+async def tls_client_in_pieces(
+    port: int, context: ssl.SSLContext, sni: str, cuts: Sequence[int], *, timeout: float = 5.0
+) -> bytes:
+    """A TLS client (Python ssl over memory BIOs) that writes its ClientHello cut at the byte
+    offsets ``cuts``, one flushed write per piece; then finishes the handshake and returns
+    the first line the server sends."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def pump() -> None:
+        if pending := outgoing.read():
+            writer.write(pending)
+            await writer.drain()
+        data = await reader.read(65536)
+        if not data:
+            raise ConnectionResetError("server closed during the handshake")
+        incoming.write(data)
+
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            hello = outgoing.read()
+            bounds = [0, *cuts, len(hello)]
+            for start, end in itertools.pairwise(bounds):
+                writer.write(hello[start:end])
+                await writer.drain()
+                await asyncio.sleep(0.02)  # separate segments (coalescing would only make it easier)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await pump()
+            line = b""
+            while not line.endswith(b"\n"):
+                try:
+                    line += tls.read(1)
+                except ssl.SSLWantReadError:
+                    await pump()
+            return line
+    finally:
+        writer.close()

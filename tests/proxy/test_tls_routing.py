@@ -27,6 +27,7 @@ from tests.proxy.routing_peers import (
     run,
     subject_cn,
     tls_client,
+    tls_client_in_pieces,
     tls_refused,
     write_pair,
 )
@@ -231,6 +232,36 @@ async def test_forwards_to_without_forward_if_no_match_is_not_used(
         await wait_for(files.audit)
     assert pg_pair.primary.connections == 0
     assert "no route" in files.audit()[0]["reason"]
+
+
+async def test_client_hello_split_across_segments_is_still_routed(
+    files: GatewayFiles, pg_pair: PgPair
+) -> None:
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair))
+    files.grants.append(grant({"pg": {}}))
+    context = client_context(pg_pair.ca)
+    async with running_gateway(files):
+        # Inside the record header, inside the handshake header, then mid-extensions.
+        line = await tls_client_in_pieces(port, context, "read.db.test", cuts=(1, 3, 7, 60, 200))
+        assert line == b"replica\n"
+        line = await tls_client_in_pieces(port, context, "main.db.test", cuts=(5, 9))
+        assert line == b"primary\n"
+    assert pg_pair.replica.snis == ["read.db.test"] and pg_pair.primary.snis == ["main.db.test"]
+
+
+async def test_sni_disabled_sends_everything_to_forwards_to(files: GatewayFiles, pg_pair: PgPair) -> None:
+    sni = {
+        "enabled": False,
+        "forward_if_no_match": True,
+        "forwards_to": {"host": "primary.db.internal", "ip": "127.0.0.1", "port": pg_pair.primary.port},
+    }
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair)[:1], sni=sni)
+    files.grants.append(grant({"pg": {}}))
+    context = client_context(pg_pair.ca)
+    async with running_gateway(files):
+        # read.db.test would match the *read* rule, but rules are off: the fallback takes it.
+        assert (await tls_client(port, context, "read.db.test")).greeting == b"primary"
+    assert pg_pair.replica.connections == 0
 
 
 async def test_passthrough_refuses_a_client_that_does_not_speak_tls(

@@ -16,9 +16,12 @@ import pytest
 from tests.proxy.routing_peers import (
     ClosingServer,
     NamedHTTPServer,
+    NamedTLSServer,
     ProxyProtocolServer,
     add_routed_listener,
+    client_context,
     run,
+    write_pair,
 )
 from tests.support.gateway import (
     EchoServer,
@@ -31,6 +34,7 @@ from tests.support.gateway import (
     running_gateway,
     wait_for,
 )
+from tests.tls.certgen import Authority
 
 
 @pytest.fixture
@@ -124,6 +128,24 @@ async def test_non_http_client_falls_back_to_the_backend(files: GatewayFiles) ->
             await wait_for(lambda: len(files.closes()) == 2)
     routes = [r["route"] for r in files.audit() if r["event"] == "decision"]
     assert routes == ["a.test", "backend"]
+
+
+async def test_request_line_split_across_segments_is_still_routed(files: GatewayFiles) -> None:
+    async with NamedHTTPServer("A") as a:
+        port = files.add_listener(
+            "web", "127.0.0.1:1", rules=[{"domain": "a.test", "targets": [target(a.port)]}]
+        )
+        files.grants.append(grant({"web": {}}))
+        async with running_gateway(files):
+            reader, writer = await connect(port)
+            # The first piece is already longer than any method: only the rest shows it is HTTP.
+            for piece in (b"GET /reports/2026/very-long-path", b"?q=1 HTTP/1.", b"1\r\nHost: a.test\r\n\r\n"):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.02)  # separate segments (coalescing would only make it easier)
+            assert b"hello from A" in await read_until_closed(reader)
+            writer.close()
+    assert a.hosts == ["a.test"]
 
 
 async def test_non_http_client_without_fallback_is_refused(files: GatewayFiles) -> None:
@@ -273,6 +295,47 @@ async def test_accepted_proxy_header_is_the_client_address(files: GatewayFiles) 
         ("10.9.8.8:40002", "lb-client@example.com"),
     ]
     assert all(c["bytes_up"] == 5 for c in closes)
+
+
+async def test_proxy_header_then_tls_passthrough_or_termination(files: GatewayFiles, tmp_path: Path) -> None:
+    # A load balancer in front of TLS listeners: the header is consumed exactly, and the TLS
+    # that follows it is routed on SNI (passthrough) or terminated (enabled) as usual.
+    files.static.append({"cidr": "10.9.8.0/24", "user": "lb-client@example.com"})
+    backend_ca, gateway_ca = Authority("backend CA"), Authority("gateway CA")
+    async with (
+        NamedTLSServer("tls-backend", backend_ca.issue(dns=("svc.test",)), tmp_path) as tls_backend,
+        EchoServer() as echo,
+    ):
+        passthrough = add_routed_listener(
+            files,
+            "lb-pass",
+            tls="passthrough",
+            accept_proxy_protocol=True,
+            rules=[{"domain": "svc.test", "targets": [target(tls_backend.port)]}],
+        )
+        pair = write_pair(gateway_ca.issue(dns=("svc.test",)), tmp_path, "front")
+        terminated = files.add_listener(
+            "lb-tls", echo.address, tls="enabled", accept_proxy_protocol=True, **pair
+        )
+        files.grants.append(grant({"lb-pass": {}, "lb-tls": {}}, src=["lb-client@example.com"]))
+        async with running_gateway(files):
+            for port, ca, greeting in ((passthrough, backend_ca, True), (terminated, gateway_ca, False)):
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(v2_header(("10.9.8.7", 40000 + port % 1000), ("127.0.0.1", port)))
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=client_context(ca), server_hostname="svc.test"
+                )
+                if greeting:
+                    assert await reader.readline() == b"tls-backend\n"
+                writer.write(b"over tls")
+                assert await reader.readexactly(8) == b"over tls"
+                writer.close()
+            await wait_for(lambda: len(files.closes()) == 2)
+    assert {c["listener"]: c["source"] for c in files.closes()} == {
+        "lb-pass": f"10.9.8.7:{40000 + passthrough % 1000}",
+        "lb-tls": f"10.9.8.7:{40000 + terminated % 1000}",
+    }
+    assert tls_backend.snis == ["svc.test"]
 
 
 async def test_missing_or_malformed_proxy_header_is_refused(files: GatewayFiles) -> None:

@@ -346,11 +346,8 @@ class Config(_Model):
                     f"@listeners.{index}.tls: 'enabled' needs cert_file/key_file, certificates "
                     "or use_tailscale_tls"
                 )
-            if listener.mode == "postgres" and listener.routes_by_name and listener.postgres is not None:
-                raise ValueError(
-                    f"@listeners.{index}.rules: postgres listeners with rules are not supported "
-                    "(role provisioning needs one backend); route with separate listeners"
-                )
+            if listener.mode == "postgres" and listener.routes_by_name and listener.tls_mode == "off":
+                raise ValueError(f"@listeners.{index}.rules: postgres listeners route on SNI: set tls_mode")
             if listener.backend_via_tailscale and self.tailscale is None:
                 raise ValueError(f"@listeners.{index}.backend_via_tailscale: needs a [tailscale] section")
             if listener.mode == "postgres" and listener.postgres is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ferryman import pgwire
-from ferryman.config.model import ListenerConfig
+from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import (
     AccessDenied,
     BackendAuthFailed,
@@ -53,6 +53,7 @@ from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import TransportRelay, wrap_plain
 from ferryman.proxy.tcp import peer_info
+from ferryman.routing import NoRoute
 
 logger = logging.getLogger(__name__)
 
@@ -170,36 +171,30 @@ async def serve_postgres(
             identity = await rt.access.identify(peer, rt.sources_for(listener))
         auth = rt.access.authorize(identity, peer, listener.name)
         grant = database_grant(auth, startup.database)
-        provisioner = rt.provisioners.get(listener.name)
-        if provisioner is None:
-            raise BackendUnavailable(f"no provisioner for {listener.name} (backend admin connection failed)")
+        roles = rt.provisioners.get(listener.name)
+        router = rt.routers.get(listener.name)
+        if roles is None or router is None:
+            raise BackendUnavailable(f"listener {listener.name} is not ready (no provisioner)")
+        try:
+            route = router.route(client.sni)
+        except NoRoute as exc:
+            raise PermissionDenied(
+                f"no route: {exc}", client_message="no database here for that server name"
+            ) from exc
         lease = rt.tracker.acquire(identity.user, listener.name, auth.user_limits, auth.listener_limits)
-        for attempt in (1, 2):
-            login = await provisioner.ensure_login(
-                user=identity.user,
-                node=identity.node,
-                database=startup.database,
-                grant=grant,
-                requested_presets=startup.requested_presets,
-                allow_raw_sql=listener.postgres.allow_raw_sql,
-            )
+        failures: list[str] = []
+        for target in route.targets:
+            provisioner = roles.for_backend(target.dial_host, target.port)
             try:
-                backend, codec = await backend_login(
-                    rt,
-                    listener,
-                    role=login.role,
-                    password=login.password,
-                    database=startup.database,
-                    parameters=startup.forward,
-                    tls=backend_tls_context(listener),
+                login, backend, codec = await _login(
+                    rt, listener, target, provisioner, identity, grant, startup
                 )
                 break
-            except BackendAuthFailed:
-                # A cached password may be stale (another gateway rotated it, or the role was
-                # swept): forget the cached verdict and provision once more.
-                if attempt == 2:
-                    raise
-                provisioner.forget(login.role)
+            except BackendUnavailable as exc:
+                failures.append(str(exc))
+                router.mark_down(target)
+        else:
+            raise BackendUnavailable("; ".join(failures))
     except BackendRefused as exc:
         # The backend's own words (e.g. 3D000 database does not exist) are the useful answer.
         await client.send(exc.error.encode())
@@ -226,7 +221,19 @@ async def serve_postgres(
         raise
     assert backend is not None
     admitted = _Admitted(
-        conn_id, peer, client, server, backend, codec, identity, auth, lease, login, startup, provisioner
+        conn_id,
+        peer,
+        client,
+        server,
+        backend,
+        codec,
+        identity,
+        auth,
+        lease,
+        login,
+        startup,
+        provisioner,
+        target,
     )
     await _run_session(rt, listener, admitted)
 
@@ -247,6 +254,47 @@ class _Admitted:
     login: RoleLogin
     startup: Startup
     provisioner: RoleProvisioner
+    target: TargetConfig
+
+
+async def _login(
+    rt: Runtime,
+    listener: ListenerConfig,
+    target: TargetConfig,
+    provisioner: RoleProvisioner,
+    identity: Identity,
+    grant: PgDatabaseGrant,
+    startup: Startup,
+) -> tuple[RoleLogin, BackendSide, pgwire.ClientConnection]:
+    """Provision the role on ``target`` and log in to it (once more after re-provisioning if a
+    cached password is refused: another gateway may have rotated it, or the role was swept)."""
+    assert listener.postgres is not None
+    for attempt in (1, 2):
+        login = await provisioner.ensure_login(
+            user=identity.user,
+            node=identity.node,
+            database=startup.database,
+            grant=grant,
+            requested_presets=startup.requested_presets,
+            allow_raw_sql=listener.postgres.allow_raw_sql,
+        )
+        try:
+            backend, codec = await backend_login(
+                rt,
+                listener,
+                target=target,
+                role=login.role,
+                password=login.password,
+                database=startup.database,
+                parameters=startup.forward,
+                tls=backend_tls_context(listener),
+            )
+            return login, backend, codec
+        except BackendAuthFailed:
+            if attempt == 2:
+                raise
+            provisioner.forget(login.role)
+    raise AssertionError("unreachable")
 
 
 def _refused(
@@ -282,7 +330,9 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
     key = codec.backend_key_data
     our_pid, our_secret = rt.new_cancel_key()
     if key is not None:
-        rt.pg_cancel[(our_pid, our_secret)] = CancelTarget(listener.name, key.process_id, key.secret_key)
+        rt.pg_cancel[(our_pid, our_secret)] = CancelTarget(
+            listener.name, a.target, key.process_id, key.secret_key
+        )
     try:
         out = [server.send(pgwire.AuthenticationOk())]
         out += [server.send(pgwire.ParameterStatus(k, v)) for k, v in codec.server_parameters.items()]
@@ -381,6 +431,6 @@ async def _forward_cancel(rt: Runtime, asked: CancelAsked) -> None:
     if listener is None:
         return
     try:
-        await send_cancel(rt, listener, target.process_id, target.secret_key)
+        await send_cancel(rt, listener, target.target, target.process_id, target.secret_key)
     except FerrymanError as exc:
         logger.info("cancel for %s not delivered: %s", target.listener, exc)

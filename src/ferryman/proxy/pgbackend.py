@@ -17,7 +17,7 @@ import ssl
 from dataclasses import dataclass
 
 from ferryman import pgwire
-from ferryman.config.model import ListenerConfig
+from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import BackendAuthFailed, BackendUnavailable, FerrymanError
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.streams import Conn, connect_tls
@@ -93,6 +93,7 @@ async def backend_login(
     rt: Runtime,
     listener: ListenerConfig,
     *,
+    target: TargetConfig,
     role: str,
     password: str | None,
     database: str,
@@ -101,7 +102,7 @@ async def backend_login(
 ) -> tuple[BackendSide, pgwire.ClientConnection]:
     """Connect and log in. Raises BackendUnavailable (08006), BackendAuthFailed (28P01) or
     BackendRefused (the backend's own ErrorResponse, e.g. 3D000)."""
-    sock, first = await dial_backend(rt, listener)
+    sock, first = await dial_backend(rt, listener, target)
     backend = BackendSide(sock, pending=first)
     codec = pgwire.ClientConnection(password=password)
     try:
@@ -111,9 +112,8 @@ async def backend_login(
                 answer = await _exchange(backend, codec)
                 if not isinstance(answer, pgwire.SSLResponse) or not answer.accept:
                     raise BackendUnavailable(f"backend {listener.backend} does not offer TLS (backend_tls)")
-                host = listener.backend_address[0]
                 # The name goes out as SNI either way; only verify-full's context checks it.
-                backend.conn = await connect_tls(sock, tls, host, listener.dial_timeout)
+                backend.conn = await connect_tls(sock, tls, target.host, listener.dial_timeout)
                 codec.tls_established()
             startup = pgwire.StartupMessage({**parameters, "user": role, "database": database})
             await backend.send(codec.send(startup))
@@ -146,9 +146,11 @@ async def backend_login(
         raise
 
 
-async def send_cancel(rt: Runtime, listener: ListenerConfig, process_id: int, secret_key: bytes) -> None:
+async def send_cancel(
+    rt: Runtime, listener: ListenerConfig, target: TargetConfig, process_id: int, secret_key: bytes
+) -> None:
     """Deliver a CancelRequest for a backend session (best effort, as PostgreSQL's own)."""
-    sock, _ = await dial_backend(rt, listener)
+    sock, _ = await dial_backend(rt, listener, target)
     try:
         codec = pgwire.ClientConnection()
         data = codec.send(pgwire.CancelRequest(process_id, secret_key))

@@ -33,9 +33,8 @@ class ProvisioningFailed(FerrymanError):
     kind = "provisioning"
 
 
-def admin_conninfo(listener: ListenerConfig) -> str:
+def admin_conninfo(listener: ListenerConfig, host: str, port: int) -> str:
     assert listener.postgres is not None
-    host, port = listener.backend_address
     pg = listener.postgres
     params: dict[str, str | int] = {
         "host": host,
@@ -57,14 +56,14 @@ def admin_conninfo(listener: ListenerConfig) -> str:
 
 
 class PgRoles:
-    """Role provisioning for one PostgreSQL listener."""
+    """Role provisioning for one backend of a PostgreSQL listener."""
 
-    def __init__(self, listener: ListenerConfig) -> None:
+    def __init__(self, listener: ListenerConfig, host: str, port: int) -> None:
         assert listener.postgres is not None
-        self.listener = listener.name
+        self.listener = f"{listener.name} ({host}:{port})"
         pg = listener.postgres
         self.provisioner = Provisioner(
-            admin_conninfo(listener),
+            admin_conninfo(listener, host, port),
             ProvisionerSettings(
                 prefix=pg.user_prefix,
                 user_ttl=pg.user_ttl,
@@ -119,21 +118,50 @@ class PgRoles:
         except psycopg.Error as exc:
             logger.warning("listener %s: could not terminate backend %d: %s", self.listener, pid, exc)
 
+    async def sweep(self, live_roles: Collection[str]) -> None:
+        """Drop managed roles idle for longer than ``user_ttl`` (never the live ones)."""
+        if not self._opened:
+            return
+        try:
+            dropped = await self.provisioner.sweep(live_roles=live_roles)
+        except (psycopg.Error, FerrymanError) as exc:
+            logger.warning("listener %s: role sweep failed: %s", self.listener, exc)
+            return
+        if dropped:
+            logger.info(
+                "listener %s: dropped %d idle role(s)", self.listener, len(dropped), extra={"roles": dropped}
+            )
+
+
+class ListenerRoles:
+    """The provisioners of one PostgreSQL listener: one per backend it may route to, created
+    when first needed (the fixed ``backend`` at start, SNI-routed targets on first use)."""
+
+    def __init__(self, listener: ListenerConfig) -> None:
+        assert listener.postgres is not None
+        self.config = listener
+        self.sweep_interval = listener.postgres.sweep_interval
+        self._by_backend: dict[tuple[str, int], PgRoles] = {}
+
+    def for_backend(self, host: str, port: int) -> PgRoles:
+        roles = self._by_backend.get((host, port))
+        if roles is None:
+            roles = self._by_backend[(host, port)] = PgRoles(self.config, host, port)
+        return roles
+
+    async def open(self) -> None:
+        """Connect to the fixed backend now, so configuration problems show at start."""
+        if self.config.backend is not None:
+            await self.for_backend(*self.config.backend_address).open()
+
+    async def close(self) -> None:
+        for roles in self._by_backend.values():
+            await roles.close()
+        self._by_backend.clear()
+
     async def sweep_forever(self, live_roles: Callable[[], Collection[str]]) -> None:
-        """Drop idle managed roles every ``sweep_interval`` seconds (never the live ones)."""
+        """Every ``sweep_interval`` seconds, sweep every backend this listener has used."""
         while True:
             await asyncio.sleep(self.sweep_interval)
-            if not self._opened:
-                continue
-            try:
-                dropped = await self.provisioner.sweep(live_roles=live_roles())
-            except (psycopg.Error, FerrymanError) as exc:
-                logger.warning("listener %s: role sweep failed: %s", self.listener, exc)
-                continue
-            if dropped:
-                logger.info(
-                    "listener %s: dropped %d idle role(s)",
-                    self.listener,
-                    len(dropped),
-                    extra={"roles": dropped},
-                )
+            for roles in list(self._by_backend.values()):
+                await roles.sweep(live_roles())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferryman.audit import AuditLog
-from ferryman.config.model import Config, ListenerConfig
+from ferryman.config.model import Config, ListenerConfig, TargetConfig
 from ferryman.errors import AccessDenied, FerrymanError, LimitExceeded
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.limits.tracker import LimitTracker
@@ -34,6 +34,7 @@ class CancelTarget:
     """Where a client's cancel key leads: the backend session of a PostgreSQL listener."""
 
     listener: str
+    target: TargetConfig
     process_id: int
     secret_key: bytes
 
