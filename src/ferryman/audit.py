@@ -39,7 +39,7 @@ class AuditLog:
         if self._file is None:
             return
         record = {"ts": _now(), "event": event, **fields}
-        self._file.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._file.write(_encode(record) + "\n")
         if not self._flush_pending:
             self._flush_pending = True
             try:
@@ -68,6 +68,14 @@ class AuditLog:
         self._file = None
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_second: list[Any] = [-1, ""]
+
+
 def _now() -> str:
+    """UTC timestamp with milliseconds; the per-second prefix is formatted once per second."""
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    whole = int(t)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"

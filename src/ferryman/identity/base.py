@@ -17,6 +17,7 @@ Source contract:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PeerInfo:
     """What the gateway knows about a connection when it asks who it is."""
 
@@ -42,8 +43,9 @@ class PeerInfo:
     bearer_token: str | None = field(default=None, repr=False)
     """A bearer token (tunnel ``Proxy-Authorization`` or PostgreSQL password). Never logged."""
 
-    @property
+    @functools.cached_property
     def remote_ip(self) -> IPAddress | None:
+        """The parsed client address (parsed once per connection)."""
         try:
             return ipaddress.ip_address(self.remote_host.split("%", 1)[0])
         except ValueError:

@@ -98,9 +98,21 @@ class LimitTracker:
             return self._per_user.get(user, 0)
         return self._per_listener.get((user, listener), 0)
 
-    def acquire(self, user: str, listener: str, user_limits: Limits, listener_limits: Limits) -> Lease:
-        """Count a new connection, or raise :class:`LimitExceeded` naming the limit."""
-        over = self.bandwidth_exceeded(user, Limits.strictest((user_limits, listener_limits)).bandwidth)
+    def acquire(
+        self,
+        user: str,
+        listener: str,
+        user_limits: Limits,
+        listener_limits: Limits,
+        bandwidth: tuple[Bandwidth, ...] | None = None,
+    ) -> Lease:
+        """Count a new connection, or raise :class:`LimitExceeded` naming the limit.
+
+        ``bandwidth`` is the combined windows when the caller already has them.
+        """
+        if bandwidth is None:
+            bandwidth = Limits.strictest((user_limits, listener_limits)).bandwidth
+        over = self.bandwidth_exceeded(user, bandwidth)
         if over is not None:
             raise LimitExceeded("bandwidth", f"{over.bytes} bytes per {format_duration(over.period)} used up")
         if user_limits.max_conns and self._per_user.get(user, 0) >= user_limits.max_conns:

@@ -22,6 +22,7 @@ For PostgreSQL, :meth:`Authorization.database_grant` resolves one database as Wa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from ferryman.policy.model import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Authorization:
     """The outcome of a granted decision."""
 
@@ -53,7 +54,7 @@ class Authorization:
     pg_grants: tuple[Mapping[str, PgDatabaseGrant], ...] = ()
     """Each applying value's ``pg.databases``, in order (for :meth:`database_grant`)."""
 
-    @property
+    @functools.cached_property
     def connection_limits(self) -> Limits:
         """Per-connection limits: the strictest of the user and listener levels."""
         return Limits.strictest((self.user_limits, self.listener_limits))

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ferryman.errors import AccessDenied, IdentityUnavailable
 from ferryman.identity.base import Identity, IdentitySource, PeerInfo
@@ -33,9 +34,14 @@ class AccessGeneration:
     capability: str
 
 
+CACHE_SIZE = 10_000
+
+
 class Access:
     def __init__(self, generation: AccessGeneration) -> None:
         self.generation = generation
+        self._cache: dict[tuple[Any, ...], Authorization] = {}
+        self._cache_generation: AccessGeneration | None = None
 
     async def identify(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity:
         """First identity any named source vouches for. Raises :class:`AccessDenied`."""

@@ -10,11 +10,49 @@ Must not: retry across targets or decide what a failure means for the client; ca
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import ipaddress
+import os
 import socket
 from typing import Any
 
 from ferryman.errors import BackendUnavailable
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_family(host: str) -> int | None:
+    """Address family of an IP literal, None for a name (cached: backends repeat)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+    """Non-blocking connect to a resolved address. (uvloop's ``sock_connect`` runs getaddrinfo
+    on its thread pool for every call, even for IP literals: a measurable cost per dial.)"""
+    err = sock.connect_ex(addr)
+    if err == 0:
+        return
+    if err not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+        raise OSError(err, os.strerror(err))
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    fd = sock.fileno()
+    loop.add_writer(fd, on_writable)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
@@ -22,12 +60,10 @@ async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout if timeout > 0 else None):
-            try:
-                ip = ipaddress.ip_address(host)
-                candidates: list[tuple[int, tuple[Any, ...]]] = [
-                    (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))
-                ]
-            except ValueError:
+            family = _literal_family(host)
+            if family is not None:
+                candidates: list[tuple[int, tuple[Any, ...]]] = [(family, (host, port))]
+            else:
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 candidates = [(family, addr[:2]) for family, _, _, _, addr in infos]
             last: OSError | None = None
@@ -35,7 +71,7 @@ async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 try:
-                    await loop.sock_connect(sock, addr)
+                    await _connect(loop, sock, addr)
                 except OSError as exc:
                     sock.close()
                     last = exc

@@ -181,7 +181,13 @@ async def serve_postgres(
             raise PermissionDenied(
                 f"no route: {exc}", client_message="no database here for that server name"
             ) from exc
-        lease = rt.tracker.acquire(identity.user, listener.name, auth.user_limits, auth.listener_limits)
+        lease = rt.tracker.acquire(
+            identity.user,
+            listener.name,
+            auth.user_limits,
+            auth.listener_limits,
+            auth.connection_limits.bandwidth,
+        )
         failures: list[str] = []
         for target in route.targets:
             provisioner = roles.for_backend(target.dial_host, target.port)

@@ -224,10 +224,13 @@ class _Pump:
         if self.ended:
             return
         self.ended = True
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        # Half-close the other side -- unless the other direction is already over, in which case
+        # the relay closes both sockets right now and close() sends the FIN anyway.
+        if not self.relay.other_ended(self.index):
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self.relay.direction_ended(self.index)
 
     def stop(self) -> None:
@@ -288,6 +291,9 @@ class SocketRelay:
             self.budget -= n
         self.last_activity = self.loop.time()
         self.on_bytes(direction, n)
+
+    def other_ended(self, direction: int) -> bool:
+        return self._pumps[1 - direction].ended
 
     def direction_ended(self, direction: int) -> None:
         if self._first_end is None:

@@ -59,6 +59,7 @@ class Runtime:
     pg_cancel: dict[tuple[int, bytes], CancelTarget] = field(default_factory=dict)
     """Our (process id, secret key) handed to a client → its backend session."""
     listeners: dict[str, ListenerConfig] = field(default_factory=dict)
+    _sources: dict[int, tuple[ListenerConfig, Config, tuple[str, ...]]] = field(default_factory=dict)
     """The running listeners' configuration by name (kept current by the gateway)."""
 
     def listener_config(self, name: str) -> ListenerConfig | None:
@@ -72,7 +73,11 @@ class Runtime:
                 return key
 
     def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
-        return self.config.sources_for(listener)
+        key = id(listener)
+        cached = self._sources.get(key)
+        if cached is None or cached[0] is not listener or cached[1] is not self.config:
+            cached = self._sources[key] = (listener, self.config, self.config.sources_for(listener))
+        return cached[2]
 
     def audit_refusal(
         self,

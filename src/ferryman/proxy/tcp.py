@@ -143,6 +143,7 @@ async def serve_tcp(
     client_conn: Conn | None = None
     initial = b""
     route_name: str | None = None
+    waiting_for = "the PROXY protocol header"  # what a set-up timeout interrupted, for the audit
     try:
         if rt.draining:
             raise ShuttingDown("gateway is shutting down")
@@ -151,6 +152,9 @@ async def serve_tcp(
                 header = await read_proxy_header(sock)
                 if header.src_addr is not None and header.src_port is not None:
                     peer = dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
+            waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
+                listener.tls, "the HTTP request head"
+            )
             if listener.tls == "passthrough":
                 hello, initial = await sniff_client_hello(sock)
                 route_name = hello.sni
@@ -165,18 +169,25 @@ async def serve_tcp(
                 )
             elif listener.routes_by_name:
                 route_name, initial = await sniff_http_host(sock)
+            waiting_for = "identity"
             identity = await rt.access.identify(peer, rt.sources_for(listener))
         auth = rt.access.authorize(identity, peer, listener.name)
         router = rt.routers.get(listener.name)
         if router is None:
             raise BackendUnavailable(f"listener {listener.name} has no router")
         route = router.route(route_name)
-        lease = rt.tracker.acquire(identity.user, listener.name, auth.user_limits, auth.listener_limits)
+        lease = rt.tracker.acquire(
+            identity.user,
+            listener.name,
+            auth.user_limits,
+            auth.listener_limits,
+            auth.connection_limits.bandwidth,
+        )
     except (FerrymanError, TimeoutError, NoRoute, ssl.SSLError, OSError) as exc:
         if client_conn is not None:
             client_conn.abort()
         sock.close()
-        rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc))
+        rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc, waiting_for))
         return
     rt.audit.write(
         "decision",
@@ -257,7 +268,12 @@ def _describe(target: TargetConfig) -> str:
     return f"{host}:{target.port}"
 
 
-def _as_error(exc: BaseException) -> BaseException:
+def _as_error(exc: BaseException, waiting_for: str = "identity") -> BaseException:
+    if isinstance(exc, TimeoutError):
+        # An OSError subclass: without this branch the reason would read "...set-up: " (empty).
+        if waiting_for == "identity":
+            return exc  # audited as "identity lookup timed out"
+        return RemoteProtocolError(f"timed out waiting for {waiting_for}")
     if isinstance(exc, NoRoute):
         return RemoteProtocolError(f"no route: {exc}")
     if isinstance(exc, ssl.SSLError):
