@@ -12,47 +12,21 @@ Must not: decide who may log in or with which role (``proxy.pg`` and ``provision
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-from dataclasses import dataclass
 
 from ferryman import pgwire
 from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import BackendAuthFailed, BackendUnavailable, FerrymanError
 from ferryman.proxy.runtime import Runtime
-from ferryman.proxy.streams import Conn, connect_tls
+from ferryman.proxy.streams import SetupStream, connect_tls
 from ferryman.proxy.tcp import dial_backend
 
 # SQLSTATE classes that mean "your login was refused" rather than "the session failed".
 _LOGIN_REFUSED = ("28000", "28P01")
 
 
-@dataclass(eq=False)
-class BackendSide:
-    sock: socket.socket
-    conn: Conn | None = None
-    pending: bytes = b""
-    """Backend bytes that arrived with the dial answer (ts-dial), not yet read."""
-
-    async def recv(self) -> bytes:
-        if self.pending:
-            data, self.pending = self.pending, b""
-            return data
-        if self.conn is not None:
-            return await self.conn.read(65536)
-        return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-
-    async def send(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.write(data)
-            await self.conn.drain()
-        else:
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.abort()
-        self.sock.close()
+class BackendSide(SetupStream):
+    """The backend connection while logging in."""
 
 
 class BackendRefused(FerrymanError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ferryman import pgwire
 from ferryman.errors import AccessDenied, RemoteProtocolError
-from ferryman.proxy.streams import Conn, accept_tls
+from ferryman.proxy.streams import SetupStream, accept_tls
 from ferryman.proxy.tlssetup import ListenerTLS
 
 PRESET_PARAMETERS = ("ferryman_presets", "waypoint_presets")
@@ -26,35 +26,12 @@ DROPPED_PARAMETERS = frozenset({"user", "database", *PRESET_PARAMETERS})
 
 
 @dataclass(eq=False)
-class ClientSide:
-    """The client's connection: a raw socket until TLS starts, then a :class:`Conn`."""
+class ClientSide(SetupStream):
+    """The client's connection, with what its TLS handshake (if any) told us."""
 
-    sock: socket.socket
-    conn: Conn | None = None
     sni: str | None = None
     alpn: str | None = None
     peer_cert_der: bytes | None = None
-
-    async def recv(self) -> bytes:
-        if self.conn is not None:
-            return await self.conn.read(65536)
-        return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
-
-    async def send(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.write(data)
-            await self.conn.drain()
-        else:
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.abort()
-        self.sock.close()
-
-    @property
-    def tls(self) -> bool:
-        return self.conn is not None
 
 
 @dataclass(frozen=True)

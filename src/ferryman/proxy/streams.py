@@ -19,6 +19,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo
@@ -150,6 +151,40 @@ class Conn(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.abort()
+
+
+@dataclass(eq=False)
+class SetupStream:
+    """A connection during a protocol's set-up: a raw socket until TLS starts, then a
+    :class:`Conn`; ``pending`` holds bytes already received for it (e.g. with a ts-dial answer)."""
+
+    sock: socket.socket
+    conn: Conn | None = None
+    pending: bytes = b""
+
+    async def recv(self) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            return data
+        if self.conn is not None:
+            return await self.conn.read(65536)
+        return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+
+    async def send(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+            await self.conn.drain()
+        else:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+        self.sock.close()
+
+    @property
+    def tls(self) -> bool:
+        return self.conn is not None
 
 
 async def accept_tls(sock: socket.socket, context: ssl.SSLContext, timeout: float) -> Conn:
