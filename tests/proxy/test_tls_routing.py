@@ -63,23 +63,29 @@ async def pg_pair(tmp_path: Path) -> AsyncIterator[PgPair]:
         yield PgPair(ca, primary, replica)
 
 
-def otoroshi_rules(pair: PgPair) -> list[dict[str, object]]:
-    """Otoroshi's example TCP service in TOML: ``*read*`` names → the replica, the rest → the
-    primary (targets named by host, dialled by ip)."""
-    return [
-        {
-            "domain": "*read*",
-            "targets": [{"host": "replica.db.internal", "ip": "127.0.0.1", "port": pair.replica.port}],
-        },
-        {
-            "domain": "*",
-            "targets": [{"host": "primary.db.internal", "ip": "127.0.0.1", "port": pair.primary.port}],
-        },
-    ]
+def replica_rule(pair: PgPair) -> dict[str, object]:
+    return {
+        "domain": "*read*",
+        "targets": [{"host": "replica.db.internal", "ip": "127.0.0.1", "port": pair.replica.port}],
+    }
+
+
+def primary_target(pair: PgPair) -> dict[str, object]:
+    return {"host": "primary.db.internal", "ip": "127.0.0.1", "port": pair.primary.port}
+
+
+def otoroshi_service(pair: PgPair) -> dict[str, object]:
+    """Otoroshi's example TCP service (the README's TOML): ``*read*`` names → the replica,
+    everything else → the primary via ``sni.forwards_to``; targets named by host, dialled by ip."""
+    return {
+        "tls": "passthrough",
+        "rules": [replica_rule(pair)],
+        "sni": {"enabled": True, "forward_if_no_match": True, "forwards_to": primary_target(pair)},
+    }
 
 
 async def test_passthrough_routes_replicas_and_primary_by_sni(files: GatewayFiles, pg_pair: PgPair) -> None:
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair))
+    port = add_routed_listener(files, "pg", **otoroshi_service(pg_pair))
     files.grants.append(grant({"pg": {}}))
     expected = {
         "read.db.test": "replica",
@@ -96,34 +102,37 @@ async def test_passthrough_routes_replicas_and_primary_by_sni(files: GatewayFile
             # The client verified the backend's own certificate for this very name.
             assert result.greeting.decode() == backend, sni
             assert subject_cn(result.served) == f"pg-{backend}"
-            assert result.served is not None
             server = pg_pair.replica if backend == "replica" else pg_pair.primary
             assert result.served == server.issued.cert
             assert result.echoed == b"SELECT 1;\n"
             assert result.version == "TLSv1.3" and result.alpn == "postgresql"
-        await wait_for(lambda: len(files.closes()) == len(expected))
+        # No SNI at all: nothing for the rules to match, so the fallback takes it too.
+        anonymous = await tls_client(port, client_context(pg_pair.ca, check_hostname=False), None)
+        assert anonymous.greeting == b"primary" and anonymous.served == pg_pair.primary.issued.cert
+        await wait_for(lambda: len(files.closes()) == len(expected) + 1)
     # The backends saw the client's own ClientHello: its SNI, as sent, and its ALPN.
     assert pg_pair.replica.snis == ["read.db.test", "analytics-read-2.db.test", "READ.DB.TEST"]
-    assert pg_pair.primary.snis == ["primary.db.test", "orders.db.test"]
-    assert (pg_pair.replica.alpns, pg_pair.primary.alpns) == (["postgresql"] * 3, ["postgresql"] * 2)
+    assert pg_pair.primary.snis == ["primary.db.test", "orders.db.test", None]
+    assert (pg_pair.replica.alpns, pg_pair.primary.alpns) == (["postgresql"] * 3, ["postgresql"] * 2 + [None])
     decisions = [r for r in files.audit() if r["event"] == "decision"]
     assert [(d["sni"], d["route"]) for d in decisions] == [
         ("read.db.test", "*read*"),
         ("analytics-read-2.db.test", "*read*"),
         ("read.db.test", "*read*"),
-        ("primary.db.test", "*"),
-        ("orders.db.test", "*"),
+        ("primary.db.test", "sni.forwards_to"),
+        ("orders.db.test", "sni.forwards_to"),
+        (None, "sni.forwards_to"),
     ]
     backends = [c["backend"] for c in files.closes()]
     assert backends.count(f"replica.db.internal@127.0.0.1:{pg_pair.replica.port}") == 3
-    assert backends.count(f"primary.db.internal@127.0.0.1:{pg_pair.primary.port}") == 2
+    assert backends.count(f"primary.db.internal@127.0.0.1:{pg_pair.primary.port}") == 3
     assert all(c["reason"] == "normal" and c["bytes_up"] > 0 for c in files.closes())
 
 
 async def test_openssl_s_client_sees_the_backend_subject(files: GatewayFiles, pg_pair: PgPair) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair))
+    port = add_routed_listener(files, "pg", **otoroshi_service(pg_pair))
     files.grants.append(grant({"pg": {}}))
     ca_file = pg_pair.ca.write(files.dir, "backends-ca")
     async with running_gateway(files):
@@ -185,7 +194,7 @@ async def test_rule_domains_are_regexes_matched_in_full_first_match_wins(
 async def test_no_match_and_no_fallback_is_refused_without_a_byte(
     files: GatewayFiles, pg_pair: PgPair
 ) -> None:
-    rules = otoroshi_rules(pg_pair)[:1]  # only *read*
+    rules = [replica_rule(pg_pair)]  # only *read*
     port = add_routed_listener(files, "pg", tls="passthrough", rules=rules)
     files.grants.append(grant({"pg": {}}))
     async with running_gateway(files):
@@ -200,32 +209,14 @@ async def test_no_match_and_no_fallback_is_refused_without_a_byte(
     assert first["user"] == "dev@localhost"  # identified and granted, but nowhere to go
 
 
-async def test_sni_forward_if_no_match_goes_to_forwards_to(files: GatewayFiles, pg_pair: PgPair) -> None:
-    sni = {
-        "enabled": True,
-        "forward_if_no_match": True,
-        "forwards_to": {"host": "primary.db.internal", "ip": "127.0.0.1", "port": pg_pair.primary.port},
-    }
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair)[:1], sni=sni)
-    files.grants.append(grant({"pg": {}}))
-    context = client_context(pg_pair.ca, check_hostname=False)
-    async with running_gateway(files):
-        assert (await tls_client(port, context, "a-read.db.test")).greeting == b"replica"
-        assert (await tls_client(port, context, "orders.db.test")).greeting == b"primary"
-        assert (await tls_client(port, context, None)).greeting == b"primary"  # no SNI either
-        await wait_for(lambda: len(files.closes()) == 3)
-    routes = [r["route"] for r in files.audit() if r["event"] == "decision"]
-    assert routes == ["*read*", "sni.forwards_to", "sni.forwards_to"]
-
-
 async def test_forwards_to_without_forward_if_no_match_is_not_used(
     files: GatewayFiles, pg_pair: PgPair
 ) -> None:
     sni = {
         "forward_if_no_match": False,
-        "forwards_to": {"host": "primary.db.internal", "ip": "127.0.0.1", "port": pg_pair.primary.port},
+        "forwards_to": primary_target(pg_pair),
     }
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair)[:1], sni=sni)
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=[replica_rule(pg_pair)], sni=sni)
     files.grants.append(grant({"pg": {}}))
     async with running_gateway(files):
         assert await tls_refused(port, "orders.db.test")
@@ -237,7 +228,7 @@ async def test_forwards_to_without_forward_if_no_match_is_not_used(
 async def test_client_hello_split_across_segments_is_still_routed(
     files: GatewayFiles, pg_pair: PgPair
 ) -> None:
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair))
+    port = add_routed_listener(files, "pg", **otoroshi_service(pg_pair))
     files.grants.append(grant({"pg": {}}))
     context = client_context(pg_pair.ca)
     async with running_gateway(files):
@@ -253,9 +244,9 @@ async def test_sni_disabled_sends_everything_to_forwards_to(files: GatewayFiles,
     sni = {
         "enabled": False,
         "forward_if_no_match": True,
-        "forwards_to": {"host": "primary.db.internal", "ip": "127.0.0.1", "port": pg_pair.primary.port},
+        "forwards_to": primary_target(pg_pair),
     }
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair)[:1], sni=sni)
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=[replica_rule(pg_pair)], sni=sni)
     files.grants.append(grant({"pg": {}}))
     context = client_context(pg_pair.ca)
     async with running_gateway(files):
@@ -267,7 +258,7 @@ async def test_sni_disabled_sends_everything_to_forwards_to(files: GatewayFiles,
 async def test_passthrough_refuses_a_client_that_does_not_speak_tls(
     files: GatewayFiles, pg_pair: PgPair
 ) -> None:
-    port = add_routed_listener(files, "pg", tls="passthrough", rules=otoroshi_rules(pg_pair))
+    port = add_routed_listener(files, "pg", **otoroshi_service(pg_pair))
     files.grants.append(grant({"pg": {}}))
     async with running_gateway(files):
         assert await refused(port)  # plaintext "hello?" is not a ClientHello

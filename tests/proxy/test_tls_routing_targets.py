@@ -167,6 +167,42 @@ async def test_non_http_client_without_fallback_is_refused(files: GatewayFiles) 
     assert all(r["allowed"] is False and "no server name" in r["reason"] for r in files.audit())
 
 
+async def test_set_up_timeouts_are_refused_with_a_reason(files: GatewayFiles) -> None:
+    # A client that stalls before the gateway can route it is cut after proxy_protocol_timeout
+    # + identity_timeout. (So a server-speaks-first protocol on a Host-routed listener is
+    # refused, not sent to the fallback: there is no Host to wait for.)
+    quick = {"proxy_protocol_timeout": "300ms", "identity_timeout": "200ms"}
+    rules = [{"domain": "a.test", "targets": [target(1)]}]
+    stalls = {
+        "lb": (
+            files.add_listener("lb", "127.0.0.1:1", accept_proxy_protocol=True, **quick),
+            b"PROXY TCP4 10.",
+        ),
+        "web": (files.add_listener("web", "127.0.0.1:1", rules=rules, **quick), b""),
+        "pass": (
+            add_routed_listener(files, "pass", tls="passthrough", rules=rules, **quick),
+            b"\x16\x03\x01",
+        ),
+    }
+    files.grants.append(grant({"lb": {}, "web": {}, "pass": {}}))
+    async with running_gateway(files):
+        loop = asyncio.get_running_loop()
+        for port, sent in stalls.values():
+            reader, writer = await connect(port)
+            writer.write(sent)
+            started = loop.time()
+            assert await read_until_closed(reader) == b""
+            assert 0.4 < loop.time() - started < 3
+            writer.close()
+        await wait_for(lambda: len(files.audit()) == 3)
+    reasons = {r["listener"]: r["reason"] for r in files.audit()}
+    assert reasons == {
+        "lb": "timed out waiting for the PROXY protocol header",
+        "web": "timed out waiting for the HTTP request head",
+        "pass": "timed out waiting for the TLS ClientHello",
+    }
+
+
 # -- targets -----------------------------------------------------------------------------
 
 
