@@ -17,6 +17,7 @@ import os
 import socket
 from typing import Any
 
+from ferryman._aio import wait_fd
 from ferryman.errors import BackendUnavailable
 
 
@@ -38,18 +39,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
         return
     if err not in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
         raise OSError(err, os.strerror(err))
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_writable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    fd = sock.fileno()
-    loop.add_writer(fd, on_writable)
-    try:
-        await done
-    finally:
-        loop.remove_writer(fd)
+    await wait_fd(sock.fileno(), writable=True)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))

@@ -48,10 +48,9 @@ from ferryman.proxy.pgbackend import (
     send_cancel,
 )
 from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
-from ferryman.proxy.relay import Relay, SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
-from ferryman.proxy.streams import TransportRelay, wrap_plain
+from ferryman.proxy.streams import relay_until_closed
 from ferryman.proxy.tcp import peer_info
 from ferryman.routing import NoRoute
 
@@ -332,7 +331,6 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         a.startup,
         a.provisioner,
     )
-    loop = asyncio.get_running_loop()
     key = codec.backend_key_data
     our_pid, our_secret = rt.new_cancel_key()
     if key is not None:
@@ -381,20 +379,19 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
     session.recheck = _rechecker(session, listener, startup, provisioner)
     if key is not None:
         session.graceful_close = _terminator(provisioner, key.process_id)
-    relay: Relay
-    if client.conn is None and backend.conn is None:
-        relay = SocketRelay(loop, client.sock, backend.sock, session.on_bytes, splice=rt.splice)
-    else:
-        client_conn = client.conn or await wrap_plain(client.sock, server_side=True)
-        backend_conn = backend.conn or await wrap_plain(backend.sock, server_side=False)
-        relay = TransportRelay(loop, client_conn, backend_conn, session.on_bytes)
     rt.sessions.add(session)
-    session.attach(relay)
-    relay.start(initial_up=up, initial_down=down)
     try:
-        await asyncio.shield(relay.done)
+        await relay_until_closed(
+            session,
+            client.sock,
+            client.conn,
+            backend.sock,
+            backend.conn,
+            splice=rt.splice,
+            initial_up=up,
+            initial_down=down,
+        )
     finally:
-        relay.close("shutdown")
         rt.pg_cancel.pop((our_pid, our_secret), None)
 
 

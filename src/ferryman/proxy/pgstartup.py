@@ -11,11 +11,11 @@ Must not: identify, authorize or talk to the backend (``proxy.pg`` does).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass, field
 
 from ferryman import pgwire
+from ferryman._aio import wait_fd
 from ferryman.errors import AccessDenied, RemoteProtocolError
 from ferryman.proxy.streams import SetupStream, accept_tls
 from ferryman.proxy.tlssetup import ListenerTLS
@@ -171,18 +171,7 @@ async def read_startup(
 
 async def _starts_with_tls(sock: socket.socket) -> bool:
     """Peek at the first byte without consuming it: 0x16 is a TLS handshake record."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), on_readable)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
+    await wait_fd(sock.fileno())
     try:
         first = sock.recv(1, socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):

@@ -15,6 +15,7 @@ import asyncio
 import socket
 
 from ferryman import proxyproto, tlshello
+from ferryman._aio import wait_fd
 from ferryman.errors import RemoteProtocolError
 from ferryman.routing import http_host
 
@@ -30,7 +31,7 @@ async def read_proxy_header(sock: socket.socket) -> proxyproto.ProxyHeader:
     """
     loop = asyncio.get_running_loop()
     while True:
-        await _readable(loop, sock)
+        await wait_fd(sock.fileno())
         try:
             data = sock.recv(PROXY_HEADER_MAX, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -43,20 +44,6 @@ async def read_proxy_header(sock: socket.socket) -> proxyproto.ProxyHeader:
             return result
         # Incomplete header: wait for more bytes (rare: headers fit one segment).
         await asyncio.sleep(0.005)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(sock.fileno(), on_readable)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 async def sniff_client_hello(sock: socket.socket) -> tuple[tlshello.ClientHello, bytes]:

@@ -20,9 +20,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo
+if TYPE_CHECKING:
+    from ferryman.proxy.session import Session
+
+from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo, Relay, SocketRelay
 
 MAX_SETUP_BUFFER = 1 << 20
 
@@ -334,3 +337,33 @@ class TransportRelay:
             self.loop.call_later(2.0, conn.abort)
         if not self.done.done():
             self.done.set_result(CloseInfo(reason, closed_by, detail))
+
+
+async def relay_until_closed(
+    session: Session,
+    client_sock: socket.socket,
+    client_conn: Conn | None,
+    backend_sock: socket.socket,
+    backend_conn: Conn | None,
+    *,
+    splice: bool,
+    initial_up: bytes = b"",
+    initial_down: bytes = b"",
+) -> None:
+    """Relay a session's two sides until it ends: raw sockets on both sides use
+    :class:`SocketRelay` (splice); anything over a transport uses :class:`TransportRelay`."""
+    loop = asyncio.get_running_loop()
+    relay: Relay
+    if client_conn is None and backend_conn is None:
+        relay = SocketRelay(loop, client_sock, backend_sock, session.on_bytes, splice=splice)
+    else:
+        client_side = client_conn or await wrap_plain(client_sock, server_side=True)
+        backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
+        relay = TransportRelay(loop, client_side, backend_side, session.on_bytes)
+    session.attach(relay)
+    relay.start(initial_up=initial_up, initial_down=initial_down)
+    try:
+        await asyncio.shield(relay.done)
+    finally:
+        # Cancelled (forced shutdown): the relay must still close, and the session audit.
+        relay.close("shutdown")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import socket
 import ssl
@@ -25,10 +26,9 @@ from ferryman.errors import BackendUnavailable, FerrymanError, RemoteProtocolErr
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.proxy.dial import dial_tcp
 from ferryman.proxy.preamble import read_proxy_header, sniff_client_hello, sniff_http_host
-from ferryman.proxy.relay import Relay, SocketRelay
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session, new_connection_id
-from ferryman.proxy.streams import Conn, TransportRelay, accept_tls, connect_tls, wrap_plain
+from ferryman.proxy.streams import Conn, accept_tls, connect_tls, relay_until_closed
 from ferryman.routing import NoRoute, Route
 from ferryman.tailscale.errors import TailscaleError
 
@@ -92,9 +92,11 @@ def proxy_header(version: str, peer: PeerInfo) -> bytes:
         )
 
 
-def _backend_tls_context(listener: ListenerConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=listener.backend_ca_file)
-    if listener.backend_insecure_skip_verify:
+@functools.lru_cache(maxsize=64)
+def _backend_tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
+    """One client context per (CA, verification) pair: loading a CA store per connection is slow."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -121,7 +123,10 @@ async def connect_route(
             conn: Conn | None = None
             if target.tls:
                 conn = await connect_tls(
-                    sock, _backend_tls_context(listener), target.host, listener.dial_timeout
+                    sock,
+                    _backend_tls_context(listener.backend_ca_file, listener.backend_insecure_skip_verify),
+                    target.host,
+                    listener.dial_timeout,
                 )
             return sock, conn, first, target
         except (BackendUnavailable, OSError, ssl.SSLError, TimeoutError) as exc:
@@ -245,22 +250,17 @@ async def serve_tcp(
         on_close=rt.session_closed,
         idle_timeout=listener.idle_timeout,
     )
-    loop = asyncio.get_running_loop()
-    relay: Relay
-    if client_conn is None and backend_conn is None:
-        relay = SocketRelay(loop, sock, backend, session.on_bytes, splice=rt.splice)
-    else:
-        client_side = client_conn or await wrap_plain(sock, server_side=True)
-        backend_side = backend_conn or await wrap_plain(backend, server_side=False)
-        relay = TransportRelay(loop, client_side, backend_side, session.on_bytes)
     rt.sessions.add(session)
-    session.attach(relay)
-    relay.start(initial_up=initial, initial_down=first_bytes)
-    try:
-        await asyncio.shield(relay.done)
-    finally:
-        # Cancelled (forced shutdown): the relay must still close and audit.
-        relay.close("shutdown")
+    await relay_until_closed(
+        session,
+        sock,
+        client_conn,
+        backend,
+        backend_conn,
+        splice=rt.splice,
+        initial_up=initial,
+        initial_down=first_bytes,
+    )
 
 
 def _describe(target: TargetConfig) -> str:
