@@ -49,7 +49,9 @@ class Router:
     def __init__(self, listener: ListenerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._down_time = listener.target_down_time
-        self._rules = [(compile_domain(r.domain), r.domain, r.targets) for r in listener.rules]
+        self._rules = [
+            (compile_domain(r.domain), r.domain, r.targets, frozenset(r.alpn)) for r in listener.rules
+        ]
         self._next: dict[str, int] = {}
         self._down: dict[tuple[str, int], float] = {}
         sni = listener.sni
@@ -62,11 +64,12 @@ class Router:
             host, port = split_hostport(listener.backend)
             self._fallback, self._fallback_rule = (TargetConfig(host=host, port=port),), "backend"
 
-    def route(self, name: str | None) -> Route:
-        """Targets for a connection whose SNI/Host is ``name``. Raises :class:`NoRoute`."""
+    def route(self, name: str | None, alpn: Sequence[str] = ()) -> Route:
+        """Targets for a connection whose SNI/Host is ``name`` and whose ALPN protocols (offered
+        or negotiated) are ``alpn``: the first rule matching both. Raises :class:`NoRoute`."""
         if name and self._use_names:
-            for regex, domain, targets in self._rules:
-                if regex.match(name):
+            for regex, domain, targets, protocols in self._rules:
+                if regex.match(name) and (not protocols or not protocols.isdisjoint(alpn)):
                     return Route(self._rotate(domain, targets), domain)
         if self._fallback:
             return Route(self._fallback, self._fallback_rule)

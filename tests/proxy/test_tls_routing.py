@@ -332,3 +332,30 @@ async def test_redis_behind_a_passthrough_rule_terminated_by_a_second_listener(
     assert allowed == [("P", "cache.test"), ("T", "cache.test")]
     refusals = [d for d in decisions if not d["allowed"]]  # redis-cli tries twice
     assert refusals and all(d["listener"] == "P" and "other.test" in d["reason"] for d in refusals)
+
+
+async def test_passthrough_routes_on_the_offered_alpn(files: GatewayFiles, pg_pair: PgPair) -> None:
+    """A rule may also require an ALPN protocol: the client's offer picks between rules that
+    share a name (e.g. one backend for h2, another for everything else)."""
+    rules = [
+        {
+            "domain": "*.db.test",
+            "alpn": ["x-replica"],
+            "targets": [{"host": "r.internal", "ip": "127.0.0.1", "port": pg_pair.replica.port}],
+        },
+        {
+            "domain": "*.db.test",
+            "targets": [{"host": "p.internal", "ip": "127.0.0.1", "port": pg_pair.primary.port}],
+        },
+    ]
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=rules)
+    files.grants.append(grant({"pg": {}}))
+    async with running_gateway(files):
+        for offer, backend in (
+            (["x-replica", "http/1.1"], "replica"),
+            (["http/1.1"], "primary"),
+            ([], "primary"),
+        ):
+            context = client_context(pg_pair.ca, check_hostname=False, alpn=offer)
+            result = await tls_client(port, context, "app.db.test")
+            assert result.error is None and result.greeting.decode() == backend, offer

@@ -162,6 +162,9 @@ class RuleConfig(_Model):
     """A regular expression matched in full, case-insensitively, against the SNI name (or the
     HTTP Host header on plaintext listeners); a leading ``*.`` is a wildcard for one or more labels."""
     targets: tuple[TargetConfig, ...] = Field(min_length=1)
+    alpn: tuple[str, ...] = ()
+    """Also require one of these ALPN protocols (offered by the client with passthrough,
+    negotiated with ``tls = "enabled"``); empty = any."""
 
     @field_validator("domain")
     @classmethod

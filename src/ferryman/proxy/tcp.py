@@ -148,6 +148,7 @@ async def serve_tcp(
     client_conn: Conn | None = None
     initial = b""
     route_name: str | None = None
+    route_alpn: tuple[str, ...] = ()
     waiting_for = "the PROXY protocol header"  # what a set-up timeout interrupted, for the audit
     try:
         if rt.draining:
@@ -162,13 +163,13 @@ async def serve_tcp(
             )
             if listener.tls == "passthrough":
                 hello, initial = await sniff_client_hello(sock)
-                route_name = hello.sni
+                route_name, route_alpn = hello.sni, hello.alpn
                 peer = dataclasses.replace(peer, sni=hello.sni, alpn=hello.alpn[0] if hello.alpn else None)
             elif listener.tls == "enabled":
                 tls = rt.tls[listener.name]
                 client_conn = await accept_tls(sock, tls.context, listener.identity_timeout)
                 info = tls.info(client_conn)
-                route_name = info.sni
+                route_name, route_alpn = info.sni, (info.alpn,) if info.alpn else ()
                 peer = dataclasses.replace(
                     peer, sni=info.sni, alpn=info.alpn, peer_cert_der=info.peer_cert_der
                 )
@@ -180,7 +181,7 @@ async def serve_tcp(
         router = rt.routers.get(listener.name)
         if router is None:
             raise BackendUnavailable(f"listener {listener.name} has no router")
-        route = router.route(route_name)
+        route = router.route(route_name, route_alpn)
         lease = rt.tracker.acquire(
             identity.user,
             listener.name,

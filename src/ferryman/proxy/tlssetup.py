@@ -83,6 +83,8 @@ async def build_listener_tls(
         )
     certs = CertificateSet(entries)
     ca_file = item.client_ca_file or (config.identity.mtls.ca_file if config.identity.mtls else None)
-    alpn = ["postgresql"] if item.mode == "postgres" else None
+    # Offer what the rules route on, so the negotiated protocol can pick the rule.
+    offered = list(dict.fromkeys(p for rule in item.rules for p in rule.alpn))
+    alpn = ["postgresql"] if item.mode == "postgres" else (offered or None)
     context = certs.server_context(client_auth=item.client_auth, ca_file=ca_file, alpn_protocols=alpn)
     return ListenerTLS(certs, context, store)
