@@ -59,9 +59,10 @@ def password_backend(method: str, password: str) -> Answer:
     return answer
 
 
-def scram_backend(password: str, *, tamper_final: bool = False) -> Answer:
+def scram_backend(password: str, *, tamper_final: bool = False, auth_info: object = None) -> Answer:
+    """A SCRAM backend; pass ``auth_info`` to reuse one stored verifier (same salt)."""
     mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
-    auth_info = mechanism.make_auth_info(password)
+    auth_info = auth_info or mechanism.make_auth_info(password)
     scram_server = mechanism.make_server(lambda _user: auth_info)
 
     def answer(server: pw.ServerConnection, event: pw.FrontendEvent) -> bytes:
@@ -216,3 +217,26 @@ def test_random_chunking_scram(points: list[int]) -> None:
         pw.ReadyForQuery,
     ]
     assert pair.client.phase is pw.Phase.SWITCHED
+
+
+def test_scram_key_derivation_is_reused_for_the_same_role_salt_and_password() -> None:
+    """Repeat logins of one role (same stored salt) skip PBKDF2, and still verify everything:
+    a wrong server signature or a wrong password is still refused after a cached login."""
+    from ferryman.pgwire import auth
+
+    stored = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info("repeat-pass")  # one salt
+    auth._cached_hi.cache_clear()
+    before = auth._cached_hi.cache_info()
+    for _ in range(3):
+        pair = ConnectionPair(password="repeat-pass")
+        converse(pair, scram_backend("repeat-pass", auth_info=stored))
+        assert pair.client.phase is pw.Phase.SWITCHED
+    after = auth._cached_hi.cache_info()
+    assert after.misses - before.misses == 1
+    assert after.hits - before.hits == 2
+    with pytest.raises(BackendAuthFailed, match="signature"):
+        converse(
+            ConnectionPair(password="repeat-pass"), scram_backend("", tamper_final=True, auth_info=stored)
+        )
+    _, events = converse(ConnectionPair(password="other-pass"), scram_backend("", auth_info=stored))
+    assert isinstance(events[-1], pw.ErrorResponse) and events[-1].code == "28P01"

@@ -16,11 +16,13 @@ and scramp's server side rejects an empty user name, so it cannot serve real cli
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 from typing import Any, Final, TypeAlias
 
 import scramp  # type: ignore[import-untyped]
+import scramp.core  # type: ignore[import-untyped]
 
 from ferryman.errors import BackendAuthFailed, RemoteProtocolError
 from ferryman.pgwire import sqlstate
@@ -65,6 +67,28 @@ def verify_cleartext_password(message: PasswordMessage, expected: str) -> bool:
 def verify_md5_password(message: PasswordMessage, user: str, expected: str, salt: bytes) -> bool:
     """Server side: does ``message`` answer AuthenticationMD5Password(``salt``) correctly? Constant time."""
     return hmac.compare_digest(message.password, md5_password(user, expected, salt))
+
+
+# The key derivation of SCRAM (PBKDF2, 4096 rounds by default: 5-12 ms of CPU here) depends only
+# on the password, the salt and the iteration count. The gateway logs in as the same role, with
+# the same password and the same stored salt, over and over: memoise the salted password in a
+# bounded cache instead of paying PBKDF2 per connection. scramp still runs the whole exchange,
+# including the server-signature check; only its ``hi`` is cached. (Salted passwords are
+# password-equivalent; the cache lives in the same process that holds the passwords.)
+_scramp_hi = scramp.core.hi
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_hi(hf: Any, password: bytes, salt: bytes, iterations: int) -> bytes:
+    return bytes(_scramp_hi(hf, password, salt, iterations))
+
+
+def _hi(hf: Any, password: Any, salt: Any, iterations: Any) -> bytes:
+    # scramp passes an IterationCount object; the cache needs plain, hashable values.
+    return _cached_hi(hf, bytes(password), bytes(salt), int(iterations))
+
+
+scramp.core.hi = _hi
 
 
 class ScramSHA256Client:
