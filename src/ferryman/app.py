@@ -308,6 +308,7 @@ class Gateway:
         bound = self._bind_all([item for item in rebinding if not self._held_by_other_listener(item)])
 
         old_sources = self.runtime.access.generation.sources
+        old_tailscale = self.runtime.tailscale
         self.config = config
         self.runtime.config = config
         self.runtime.tailscale = build_tailscale_client(config)
@@ -339,6 +340,8 @@ class Gateway:
             self._start_listener(item, sock)
         for source in old_sources.values():
             spawn(source.aclose(), name="close identity source", owner=self._tasks)
+        if old_tailscale is not None:
+            spawn(old_tailscale.aclose(), name="close LocalAPI client", owner=self._tasks)
         self._reval_wakeup.set()
 
     def _held_by_other_listener(self, item: ListenerConfig) -> bool:
@@ -487,5 +490,7 @@ class Gateway:
             await self._stop_resources(name)
         for source in rt.access.generation.sources.values():
             await source.aclose()
+        if rt.tailscale is not None:
+            await rt.tailscale.aclose()
         rt.audit.close()
         self.stopped.set()

@@ -202,6 +202,8 @@ class LocalAPIDouble:
         """Bytes written in the same write as the 101 head, before any backend byte."""
         self.dial_self: str | None = None
         self.certs: dict[str, tuple[bytes, bytes]] = {}
+        self.connections = 0
+        """Connections accepted (keep-alive reuse shows as fewer connections than requests)."""
         self.cert_domains: list[str] = []
         """What ``/localapi/v0/status`` reports as ``CertDomains``."""
         self._by_ip: dict[IPAddr, Peer] = {}
@@ -328,6 +330,7 @@ class LocalAPIDouble:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.connections += 1
         conn = h11.Connection(h11.SERVER)
         try:
             while True:

@@ -19,8 +19,10 @@ async def double() -> AsyncIterator[LocalAPIDouble]:
 
 
 @pytest.fixture
-def client(double: LocalAPIDouble) -> LocalAPIClient:
-    return LocalAPIClient(double.socket_path, timeout=2.0)
+async def client(double: LocalAPIDouble) -> AsyncIterator[LocalAPIClient]:
+    c = LocalAPIClient(double.socket_path, timeout=2.0)
+    yield c
+    await c.aclose()
 
 
 class EchoServer:

@@ -319,3 +319,23 @@ async def test_cancelled_call_leaves_nothing_open(double: LocalAPIDouble, client
         async with asyncio.timeout(0.1):  # the caller's own deadline cancels the call
             await client.whois("100.1.2.3:4567", timeout=None)
     # filterwarnings=error turns a leaked socket (ResourceWarning) into a failure
+
+
+async def test_whois_reuses_a_keep_alive_connection_and_retries_a_stale_one() -> None:
+    import tempfile
+
+    from tests.support.localapi_double import LocalAPIDouble as Double
+
+    path = tempfile.mkdtemp(prefix="ts-") + "/s.sock"  # short: unix socket paths are limited
+    async with Double(path) as double:
+        double.add_peer("100.64.0.9", login="alice@example.com")
+        client = LocalAPIClient(double.socket_path, timeout=2.0)
+        for _ in range(5):
+            assert (await client.whois("100.64.0.9:1234")).user_profile is not None
+        assert double.connections == 1
+    # tailscaled restarts: the pooled connection is dead; the next call retries on a new one.
+    async with Double(path) as restarted:
+        restarted.add_peer("100.64.0.9", login="alice@example.com")
+        assert (await client.whois("100.64.0.9:1234")).user_profile is not None
+        assert restarted.connections == 1
+    await client.aclose()

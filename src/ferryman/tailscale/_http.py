@@ -94,6 +94,11 @@ class Exchange:
         self._body = bytearray()
         self._done: HTTPResponse | None = None
 
+    @property
+    def reusable(self) -> bool:
+        """The exchange finished cleanly and both sides keep the connection open (keep-alive)."""
+        return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+
     def request_bytes(self) -> bytes:
         data = self._conn.send(self._request)
         end = self._conn.send(h11.EndOfMessage())

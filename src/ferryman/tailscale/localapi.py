@@ -1,8 +1,9 @@
 """asyncio client for tailscaled's LocalAPI over its unix socket.
 
 Owns: :class:`LocalAPIClient` (``whois``, ``dial``, ``cert_pair``) and :class:`DialedConnection`,
-the raw stream a ``ts-dial`` upgrade leaves behind. One connection per request, as the Go
-client effectively does for upgrades; every call is bounded by a timeout.
+the raw stream a ``ts-dial`` upgrade leaves behind. Plain requests reuse up to eight idle
+keep-alive connections (as Go's http.Transport does); an upgrade always gets its own
+connection; every call is bounded by a timeout.
 
 Must not: frame HTTP itself (``ferryman.tailscale._http`` does, through h11), interpret WhoIs
 answers as identities (``ferryman.identity.tailscale``) or hold global state: the socket path
@@ -20,6 +21,7 @@ import asyncio
 import json
 import re
 import socket
+import weakref
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote_plus
@@ -47,6 +49,19 @@ DEFAULT_SOCKET: Final = "/var/run/tailscale/tailscaled.sock"
 """``paths.DefaultTailscaledSocket()`` on Linux."""
 
 _RECV_SIZE = 65536
+_MAX_IDLE = 8
+"""Idle keep-alive connections to tailscaled kept for reuse."""
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    while sockets:
+        sockets.pop().close()
+
+
+class _StaleConnection(Exception):
+    """A pooled keep-alive connection was closed by tailscaled before answering."""
+
+
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 
 
@@ -112,6 +127,9 @@ class LocalAPIClient:
         user_agent: str = USER_AGENT,
     ) -> None:
         self.socket_path = socket_path
+        self._idle: list[socket.socket] = []
+        # A client dropped without aclose() still closes its pooled connections.
+        weakref.finalize(self, _close_all, self._idle)
         self.timeout = timeout
         self.capability_version = capability_version
         self.user_agent = user_agent
@@ -199,8 +217,9 @@ class LocalAPIClient:
         return DialedConnection(sock, resp.trailing, resp.headers)
 
     async def aclose(self) -> None:
-        """Release pooled connections. There are none (one connection per call)."""
-        return None
+        """Close the idle keep-alive connections."""
+        while self._idle:
+            self._idle.pop().close()
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -229,7 +248,19 @@ class LocalAPIClient:
         )
 
     async def _call(self, op: str, method: str, target: str, *, timeout: float | None) -> HTTPResponse:
-        sock, resp = await self._call_keep(op, method, target, [], timeout=timeout)
+        # Plain requests reuse an idle keep-alive connection when there is one (WhoIs runs for
+        # every new client connection; connect + accept per request is most of its cost). A
+        # pooled connection tailscaled has meanwhile closed fails before any answer: retry once
+        # on a fresh one.
+        while self._idle:
+            pooled = self._idle.pop()
+            try:
+                sock, resp = await self._call_keep(op, method, target, [], timeout=timeout, pooled=pooled)
+            except _StaleConnection:
+                continue
+            break
+        else:
+            sock, resp = await self._call_keep(op, method, target, [], timeout=timeout)
         if sock is not None:  # a switch nobody asked for: drop it
             sock.close()
             raise LocalAPIProtocolError(
@@ -245,8 +276,15 @@ class LocalAPIClient:
         headers: list[tuple[str, str]],
         *,
         timeout: float | None,
+        pooled: socket.socket | None = None,
     ) -> tuple[socket.socket | None, HTTPResponse]:
-        """Run one exchange; return the socket too when the protocol was switched."""
+        """Run one exchange; return the socket too when the protocol was switched.
+
+        With ``pooled``, the request goes over that idle keep-alive connection; if it turns out
+        to be closed before any answer byte, :class:`_StaleConnection` is raised (and the socket
+        closed) so the caller can retry on a fresh one. A plain exchange that ends with both
+        sides willing to keep the connection returns it to the idle pool.
+        """
         limit = self.timeout if timeout is None else timeout
         request = build_request(
             method,
@@ -256,24 +294,32 @@ class LocalAPIClient:
             user_agent=self.user_agent,
         )
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = pooled if pooled is not None else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         keep = False
+        pool = False
         try:
             sock.setblocking(False)
             async with asyncio.timeout(limit if limit else None):
-                try:
-                    await loop.sock_connect(sock, self.socket_path)
-                except OSError as exc:
-                    raise LocalAPIUnreachable(self.socket_path, exc) from None
+                if pooled is None:
+                    try:
+                        await loop.sock_connect(sock, self.socket_path)
+                    except OSError as exc:
+                        raise LocalAPIUnreachable(self.socket_path, exc) from None
                 exchange = Exchange(request)
+                answered = False
                 try:
                     await loop.sock_sendall(sock, exchange.request_bytes())
                     while True:
                         chunk = await loop.sock_recv(sock, _RECV_SIZE)
+                        if pooled is not None and not answered and not chunk:
+                            raise _StaleConnection
+                        answered = True
                         resp = exchange.receive_data(chunk)
                         if resp is not None:
                             break
                 except OSError as exc:
+                    if pooled is not None and not answered:
+                        raise _StaleConnection from None
                     raise LocalAPIProtocolError(
                         f"connection to tailscaled failed during {op}: {exc.strerror or exc}",
                         socket_path=self.socket_path,
@@ -285,7 +331,10 @@ class LocalAPIClient:
             raise LocalAPITimeout(self.socket_path, op, limit or 0) from None
         else:
             keep = resp.switched
+            pool = not keep and exchange.reusable and len(self._idle) < _MAX_IDLE
+            if pool:
+                self._idle.append(sock)
             return (sock if keep else None), resp
         finally:
-            if not keep:
+            if not keep and not pool:
                 sock.close()
