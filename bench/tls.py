@@ -1313,6 +1313,9 @@ def _hsclient_main(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.01)
             continue
         sock.settimeout(None)
+        # Like curl, Go, libpq and asyncio: without it the small request after the handshake
+        # can wait for a delayed ACK (40 ms) whenever the server sends nothing first.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         conn = lib.SSL_new(ctx)
