@@ -628,6 +628,10 @@ def tput_once(
     else:
         data["counted_by"] = "client"
     data["gbit_per_s"] = data["bytes"] * 8 / data["seconds"] / 1e9
+    if data["bytes"]:
+        # What the client and the backend spent per GB: when their core is saturated, this is
+        # what the proxy path costs *them* (loopback work for the proxy's sockets lands here too).
+        data["tools_cpu_s_per_gb"] = data["tools_cpu_util"] / (data["bytes"] / data["seconds"] / GB)
     if "proxy_cpu_util" in data and data["bytes"]:
         data["proxy_cpu_s_per_gb"] = data["proxy_cpu_util"] / (data["bytes"] / data["seconds"] / GB)
     data["profiled"] = profiler[0] is not None
@@ -959,6 +963,32 @@ def aggregate(samples: Samples) -> tuple[Results, dict[str, list[str]]]:
 def put(results: Results, key: str, path: str, value: Any) -> None:
     if value is not None:
         results.setdefault(key, {})[path] = value
+
+
+def round_ratios(samples: Samples) -> dict[str, dict[str, list[float | None]]]:
+    """Per row and ferryman variant: ferryman ÷ the better HAProxy variant *of the same round*.
+    The machine's speed drifts over minutes, so these are steadier than a ratio of medians."""
+    value = {"hs-rate": "rate"}
+    out: dict[str, dict[str, list[float | None]]] = {}
+    keys = {key for key, _ in samples}
+    for key in sorted(keys):
+        field_ = value.get(key, "gbit_per_s")
+        for fm in FERRYMAN_PATHS:
+            runs = samples.get((key, fm))
+            if not runs:
+                continue
+            ratios: list[float | None] = []
+            for rnd, run in enumerate(runs):
+                haps = [
+                    samples[(key, h)][rnd].get(field_)
+                    for h in HAPROXY_BASELINES
+                    if len(samples.get((key, h), [])) > rnd
+                ]
+                best = max((h for h in haps if h), default=None)
+                mine = run.get(field_)
+                ratios.append(round(mine / best, 3) if mine and best else None)
+            out.setdefault(key, {})[fm] = ratios
+    return out
 
 
 def evaluate(results: Results) -> dict[str, dict[str, Any]]:
@@ -1554,10 +1584,17 @@ def main(argv: list[str]) -> int:
 
     results, bound = aggregate(samples)
     evaluation = evaluate(results)
+    per_round = round_ratios(samples)
     shown = [p for p in paths if any(p in v for v in results.values())]
     print()
     print(f"Certificates: {ctx.certs.description}; TLS as negotiated: {negotiated(samples)}")
     print(render(results, evaluation, shown, bound))
+    if args.rounds > 1:
+        print("\nferryman/HAProxy per round (same-round best HAProxy; the machine's speed drifts):")
+        for key, by_fm in per_round.items():
+            for fm, ratios in by_fm.items():
+                shown_r = ", ".join("n/a" if r is None else f"{r:.2f}" for r in ratios)
+                print(f"  {key:14s} {fm:18s} {shown_r}")
     if ctx.notes:
         print("\nNotes:")
         for note in ctx.notes:
@@ -1596,6 +1633,7 @@ def main(argv: list[str]) -> int:
         "targets": {r.key: target_text(r) for r in rows()},
         "results": results,
         "evaluation": evaluation,
+        "ratios_per_round": per_round,
         "tools_bound": bound,
         "checks": ctx.checks,
         "details": details,
