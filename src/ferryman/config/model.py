@@ -191,6 +191,18 @@ class PostgresConfig(_Model):
     handshake_timeout: Duration = 15.0
     """Bound on the client's startup (SSLRequest, TLS, StartupMessage) before we answer."""
     sweep_interval: Duration = 300.0
+    reuse_backend_sessions: bool = True
+    """When a client ends its session with ``Terminate`` and no transaction open, keep the
+    backend session, clean it with ``DISCARD ALL`` and hand it to the next connection of the
+    same role, database and start-up parameters (PgBouncer's session pooling): no backend fork
+    and login per connection. Only for plaintext on both sides (``tls_mode`` with TLS in use
+    or ``backend_tls`` ≠ ``off`` → never reused)."""
+    backend_idle_timeout: Duration = 30.0
+    """An unused kept session is closed after this long (and never outlives ``user_ttl``)."""
+    backend_lifetime: Duration = 3600.0
+    """A kept session is not reused once it is this old; it is closed instead."""
+    backend_max_idle: int = Field(default=20, ge=0)
+    """At most this many unused sessions are kept per backend (the oldest goes first)."""
 
 
 class ListenerConfig(_Model):

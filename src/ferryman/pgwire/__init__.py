@@ -6,6 +6,10 @@ come out of ``next_event``, and ``send`` turns messages into bytes for the calle
 (h11's verbs). Once ReadyForQuery has been exchanged the codec steps aside and the caller
 relays raw bytes, starting with ``trailing_data``.
 
+For backend-session reuse, :class:`SessionTracker` follows the message boundaries of a relayed
+session (without parsing bodies) to know when it is idle, and :class:`ResetExchange` runs the
+``DISCARD ALL`` that cleans a session before another connection of the same role gets it.
+
 * :class:`ServerConnection` -- we play the server to PostgreSQL clients.
 * :class:`ClientConnection` -- we play the client to the backend.
 * ``messages`` -- one dataclass per message, named as in the PostgreSQL docs.
@@ -46,6 +50,7 @@ from ferryman.pgwire.messages import (
     NoticeResponse,
     ParameterStatus,
     PasswordMessage,
+    Query,
     ReadyForQuery,
     SASLInitialResponse,
     SASLResponse,
@@ -57,6 +62,7 @@ from ferryman.pgwire.messages import (
     parse_backend_message,
     parse_startup_packet,
 )
+from ferryman.pgwire.reuse import ResetExchange, SessionTracker
 from ferryman.pgwire.server import FrontendEvent, ServerConnection, ServerMessage
 
 __all__ = [
@@ -93,14 +99,17 @@ __all__ = [
     "ParameterStatus",
     "PasswordMessage",
     "Phase",
+    "Query",
     "ReadyForQuery",
     "RemoteProtocolError",
+    "ResetExchange",
     "SASLInitialResponse",
     "SASLResponse",
     "SSLRequest",
     "SSLResponse",
     "ServerConnection",
     "ServerMessage",
+    "SessionTracker",
     "StartupMessage",
     "StartupPacket",
     "Terminate",

@@ -310,6 +310,26 @@ class SASLResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class Query:
+    """A simple-protocol query: ``Q`` + the SQL text as a C string."""
+
+    sql: str
+    TYPE: ClassVar[bytes] = b"Q"
+
+    def encode(self) -> bytes:
+        """Return the frame; raises LocalProtocolError for a NUL inside the text."""
+        return typed_message(self.TYPE, cstring(self.sql))
+
+    @classmethod
+    def parse(cls, body: bytes) -> Query:
+        """Parse a ``Q`` body."""
+        reader = BodyReader(body, "Query")
+        result = cls(reader.cstring())
+        reader.end()
+        return result
+
+
+@dataclass(frozen=True, slots=True)
 class Terminate:
     """The frontend is closing the connection."""
 

@@ -2,13 +2,16 @@
 
 Owns: the life of one PostgreSQL-mode connection: start-up (``proxy.pgstartup``), identity and
 grant for the requested database, effective preset, limits, role provisioning, backend login
-(``proxy.pgbackend``), answering the client (AuthenticationOk, ParameterStatus, our own
-BackendKeyData, ReadyForQuery), the cancel-key map, then relaying the session unchanged.
+(``proxy.pgbackend``) or taking a kept backend session of the same role (``proxy.pgpool``),
+answering the client (AuthenticationOk, ParameterStatus, our own BackendKeyData,
+ReadyForQuery), the cancel-key map, then relaying the session unchanged -- and, when the client
+ends an idle session with Terminate, giving the backend session back to the pool.
 Every refusal reaches the client as a FATAL ErrorResponse with the SQLSTATE of SPEC §5.7 and a
 message a person understands; details go to the log and audit, never secrets.
 
-Must not: parse the session after ReadyForQuery (the relay carries it byte for byte) or build
-SQL (``ferryman.provision`` does).
+Must not: parse the session after ReadyForQuery (the relay carries it byte for byte; for
+reuse a :class:`ferryman.pgwire.SessionTracker` only follows message boundaries) or build SQL
+(``ferryman.provision`` does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +51,9 @@ from ferryman.proxy.pgbackend import (
     backend_tls_context,
     send_cancel,
 )
+from ferryman.proxy.pgpool import BackendPool, KeptSession, pool_key
 from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
+from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import relay_until_closed
@@ -63,7 +69,9 @@ class RoleLogin(Protocol):
 
 
 class RoleProvisioner(Protocol):
-    """What PostgreSQL mode needs from :mod:`ferryman.provision`."""
+    """What PostgreSQL mode needs from :mod:`ferryman.provision` (and a backend's kept sessions)."""
+
+    pool: BackendPool
 
     async def ensure_login(
         self,
@@ -143,7 +151,6 @@ async def serve_postgres(
     server = pgwire.ServerConnection()
     identity: Identity | None = None
     lease: Lease | None = None
-    backend: BackendSide | None = None
     try:
         try:
             async with asyncio.timeout(listener.postgres.handshake_timeout):
@@ -188,11 +195,12 @@ async def serve_postgres(
             auth.connection_limits.bandwidth,
         )
         failures: list[str] = []
+        reuse = _reusable(listener, client)
         for target in route.targets:
             provisioner = roles.for_backend(target.dial_host, target.port)
             try:
-                login, backend, codec = await _login(
-                    rt, listener, target, provisioner, identity, grant, startup
+                login, backend = await _login(
+                    rt, listener, target, provisioner, identity, grant, startup, reuse=reuse
                 )
                 break
             except BackendUnavailable as exc:
@@ -203,25 +211,23 @@ async def serve_postgres(
     except BackendRefused as exc:
         # The backend's own words (e.g. 3D000 database does not exist) are the useful answer.
         await client.send(exc.error.encode())
-        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, None)
         return
     except (FerrymanError, TimeoutError) as exc:
         code, message = client_message(exc)
         if isinstance(exc, FerrymanError) and exc.sqlstate == "58000":
             logger.error("%s: internal error for %s: %s", listener.name, peer.remote_addr, exc)
         await _send_fatal(client, server, code, message)
-        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, None)
         return
     except Exception as exc:
         logger.exception("%s: unexpected failure during start-up", listener.name)
         await _send_fatal(client, server, "58000", "internal error in the gateway (see its log)")
-        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
+        _refused(rt, conn_id, listener, peer, identity, exc, client, lease, None)
         return
     except BaseException:
         if lease is not None:
             lease.release()
-        if backend is not None:
-            backend.close()
         client.close()
         raise
     assert backend is not None
@@ -231,7 +237,6 @@ async def serve_postgres(
         client,
         server,
         backend,
-        codec,
         identity,
         auth,
         lease,
@@ -251,8 +256,7 @@ class _Admitted:
     peer: PeerInfo
     client: ClientSide
     server: pgwire.ServerConnection
-    backend: BackendSide
-    codec: pgwire.ClientConnection
+    backend: _BackendSession
     identity: Identity
     auth: Authorization
     lease: Lease
@@ -260,6 +264,40 @@ class _Admitted:
     startup: Startup
     provisioner: RoleProvisioner
     target: TargetConfig
+
+
+@dataclass(eq=False)
+class _BackendSession:
+    """The logged-in backend session: fresh from a login, or kept from an earlier connection."""
+
+    side: BackendSide
+    key_data: pgwire.BackendKeyData | None
+    parameters: dict[str, str]
+    status: str
+    trailing: bytes
+    born: float
+    reused: bool
+    reusable: bool
+    """May go back to the pool when the client ends the session idle."""
+
+    @classmethod
+    def kept(cls, kept: KeptSession) -> _BackendSession:
+        side = BackendSide(kept.sock)
+        return cls(side, kept.key_data, kept.parameters, "I", b"", kept.born, True, True)
+
+
+def _reusable(listener: ListenerConfig, client: ClientSide) -> bool:
+    """Reuse needs raw sockets on both sides (the relay follows the bytes) and no per-client
+    state on the backend connection (a PROXY header names the first client)."""
+    pg = listener.postgres
+    assert pg is not None
+    return (
+        pg.reuse_backend_sessions
+        and pg.backend_max_idle > 0
+        and client.conn is None
+        and listener.backend_tls == "off"
+        and listener.proxy_protocol == "off"
+    )
 
 
 async def _login(
@@ -270,9 +308,12 @@ async def _login(
     identity: Identity,
     grant: PgDatabaseGrant,
     startup: Startup,
-) -> tuple[RoleLogin, BackendSide, pgwire.ClientConnection]:
-    """Provision the role on ``target`` and log in to it (once more after re-provisioning if a
-    cached password is refused: another gateway may have rotated it, or the role was swept)."""
+    *,
+    reuse: bool,
+) -> tuple[RoleLogin, _BackendSession]:
+    """Provision the role on ``target`` (always: it also reconciles the grant) and take a kept
+    session of that role, or log in to it (once more after re-provisioning if a cached password
+    is refused: another gateway may have rotated it, or the role was swept)."""
     assert listener.postgres is not None
     for attempt in (1, 2):
         login = await provisioner.ensure_login(
@@ -283,6 +324,10 @@ async def _login(
             requested_presets=startup.requested_presets,
             allow_raw_sql=listener.postgres.allow_raw_sql,
         )
+        if reuse:
+            kept = provisioner.pool.take(pool_key(login.role, startup.database, startup.forward))
+            if kept is not None:
+                return login, _BackendSession.kept(kept)
         try:
             backend, codec = await backend_login(
                 rt,
@@ -294,7 +339,17 @@ async def _login(
                 parameters=startup.forward,
                 tls=backend_tls_context(listener),
             )
-            return login, backend, codec
+            session = _BackendSession(
+                backend,
+                codec.backend_key_data,
+                dict(codec.server_parameters),
+                codec.transaction_status or "I",
+                codec.trailing_data,
+                time.monotonic(),
+                reused=False,
+                reusable=reuse,
+            )
+            return login, session
         except BackendAuthFailed:
             if attempt == 2:
                 raise
@@ -311,18 +366,18 @@ def _refused(
     exc: BaseException,
     client: ClientSide,
     lease: Lease | None,
-    backend: BackendSide | None,
+    backend: _BackendSession | None,
 ) -> None:
     if lease is not None:
         lease.release()
     if backend is not None:
-        backend.close()
+        backend.side.close()
     client.close()
     rt.audit_refusal(conn_id, listener, peer, identity, exc)
 
 
 async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> None:
-    conn_id, peer, client, server, backend, codec = a.conn_id, a.peer, a.client, a.server, a.backend, a.codec
+    conn_id, peer, client, server, backend = a.conn_id, a.peer, a.client, a.server, a.backend
     identity, auth, lease, login, startup, provisioner = (
         a.identity,
         a.auth,
@@ -331,7 +386,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         a.startup,
         a.provisioner,
     )
-    key = codec.backend_key_data
+    key = backend.key_data
     our_pid, our_secret = rt.new_cancel_key()
     if key is not None:
         rt.pg_cancel[(our_pid, our_secret)] = CancelTarget(
@@ -339,9 +394,9 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         )
     try:
         out = [server.send(pgwire.AuthenticationOk())]
-        out += [server.send(pgwire.ParameterStatus(k, v)) for k, v in codec.server_parameters.items()]
+        out += [server.send(pgwire.ParameterStatus(k, v)) for k, v in backend.parameters.items()]
         out.append(server.send(pgwire.BackendKeyData(our_pid, our_secret)))
-        out.append(server.send(pgwire.ReadyForQuery(codec.transaction_status or "I")))
+        out.append(server.send(pgwire.ReadyForQuery(backend.status)))
         await client.send(b"".join(out))
     except (OSError, LocalProtocolError) as exc:
         rt.pg_cancel.pop((our_pid, our_secret), None)
@@ -360,8 +415,9 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         database=startup.database,
         role=login.role,
         grants=list(auth.origins),
+        backend_session="kept" if backend.reused else "new",
     )
-    up, down = server.trailing_data, codec.trailing_data
+    up, down = server.trailing_data, backend.trailing
     session = Session(
         id=conn_id,
         listener=listener.name,
@@ -380,19 +436,27 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
     if key is not None:
         session.graceful_close = _terminator(provisioner, key.process_id)
     rt.sessions.add(session)
+    side = backend.side
+    watch = pgwire.SessionTracker() if backend.reusable and side.conn is None else None
     try:
-        await relay_until_closed(
+        relay = await relay_until_closed(
             session,
             client.sock,
             client.conn,
-            backend.sock,
-            backend.conn,
+            side.sock,
+            side.conn,
             splice=rt.splice,
             initial_up=up,
             initial_down=down,
+            watch=watch,
         )
     finally:
         rt.pg_cancel.pop((our_pid, our_secret), None)
+    if isinstance(relay, SocketRelay) and relay.detached is not None:
+        # The client said Terminate with the session idle: clean it and keep it for the next
+        # connection of this role (the Terminate never reached the backend).
+        kept = KeptSession(relay.detached, key, backend.parameters, backend.born)
+        provisioner.pool.give_back(pool_key(login.role, startup.database, startup.forward), kept)
 
 
 def _rechecker(

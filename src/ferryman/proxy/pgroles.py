@@ -5,7 +5,7 @@ listener's backend from ``[listeners.postgres]`` (admin connection: host/port of
 ``admin_user``/``admin_password``/``admin_database``, TLS as ``backend_tls``), mapping database
 failures to gateway errors (admin connection down → 08006, anything else → 58000 with details
 in the log), terminating a backend session (for a revoked grant), and the periodic sweep of
-idle managed roles.
+idle managed roles; the :class:`~ferryman.proxy.pgpool.BackendPool` of kept backend sessions.
 
 Must not: build SQL for roles (``provision`` does) or know about client connections.
 """
@@ -23,6 +23,7 @@ from ferryman.config.model import ListenerConfig
 from ferryman.errors import BackendUnavailable, FerrymanError
 from ferryman.policy.model import PgDatabaseGrant
 from ferryman.provision.provisioner import Provisioner, ProvisionerSettings, RoleLogin
+from ferryman.proxy.pgpool import BackendPool
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class PgRoles:
             ),
         )
         self.sweep_interval = pg.sweep_interval
+        self.pool = BackendPool(
+            self.listener,
+            idle_timeout=min(pg.backend_idle_timeout, pg.user_ttl),
+            lifetime=pg.backend_lifetime,
+            max_idle=pg.backend_max_idle if pg.reuse_backend_sessions else 0,
+        )
         self._opened = False
 
     async def open(self) -> None:
@@ -83,6 +90,7 @@ class PgRoles:
         logger.info("listener %s: provisioning on %s", self.listener, info)
 
     async def close(self) -> None:
+        await self.pool.close()
         await self.provisioner.close()
 
     async def ensure_login(
@@ -123,7 +131,7 @@ class PgRoles:
         if not self._opened:
             return
         try:
-            dropped = await self.provisioner.sweep(live_roles=live_roles)
+            dropped = await self.provisioner.sweep(live_roles={*live_roles, *self.pool.roles()})
         except (psycopg.Error, FerrymanError) as exc:
             logger.warning("listener %s: role sweep failed: %s", self.listener, exc)
             return

@@ -58,6 +58,19 @@ class CloseInfo:
     detail: str = ""
 
 
+class Watch(Protocol):
+    """Follows a relayed stream (PostgreSQL: :class:`ferryman.pgwire.SessionTracker`) while
+    ``active``; copy mode feeds it every chunk before sending, and splice waits until it stops."""
+
+    active: bool
+
+    def client_data(self, data: memoryview) -> bool:
+        """True: do not forward ``data``; end the relay keeping the backend (:meth:`SocketRelay.detach`)."""
+        ...
+
+    def backend_data(self, data: memoryview) -> None: ...
+
+
 class Relay(Protocol):
     """What a session needs from a relay (``SocketRelay`` or ``streams.TransportRelay``)."""
 
@@ -137,6 +150,16 @@ class _Pump:
             self.in_pipe += n
             self._flush()
             return
+        watch = relay.watch
+        if watch is not None:
+            if self.index == UP:
+                if watch.client_data(_scratch_view[:n]):
+                    relay.detach()
+                    return
+            else:
+                watch.backend_data(_scratch_view[:n])
+            if not watch.active:
+                relay.watch = None
         # Copy mode: send straight from the shared scratch buffer; keep only what is left.
         try:
             sent = self.dst.send(_scratch_view[:n])
@@ -148,7 +171,7 @@ class _Pump:
         if sent < n:
             self.backlog = memoryview(bytes(_scratch_view[sent:n]))
             self._wait_writable()
-        elif n == SCRATCH_SIZE and _HAS_SPLICE and relay.splice_ok:
+        elif n == SCRATCH_SIZE and _HAS_SPLICE and relay.splice_ok and relay.watch is None:
             self._start_splice()
 
     def on_writable(self) -> None:
@@ -264,6 +287,7 @@ class SocketRelay:
         *,
         budget: int | None = None,
         splice: bool = True,
+        watch: Watch | None = None,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -272,6 +296,10 @@ class SocketRelay:
         self.budget = budget
         """Bytes (both directions together) still allowed, or ``None`` for no limit."""
         self.splice_ok = splice
+        self.watch = watch
+        self.detached: socket.socket | None = None
+        """The backend socket, still open and positioned at a message boundary, if the relay
+        ended by :meth:`detach`; the caller owns it then."""
         self.bytes = [0, 0]
         self.last_activity = loop.time()
         self.closed = False
@@ -281,6 +309,13 @@ class SocketRelay:
 
     def start(self, initial_up: bytes = b"", initial_down: bytes = b"") -> None:
         """Begin relaying; ``initial_*`` are bytes already read that must go first."""
+        watch = self.watch
+        if watch is not None:
+            if initial_down:
+                watch.backend_data(memoryview(initial_down))
+            if initial_up and watch.client_data(memoryview(initial_up)):
+                self.detach()
+                return
         self._pumps[UP].start(initial_up)
         if not self.closed:
             self._pumps[DOWN].start(initial_down)
@@ -309,6 +344,22 @@ class SocketRelay:
             self.close("backend_error" if side == DOWN else "normal", name, detail)
         else:
             self.close("error", name, detail)
+
+    def detach(self) -> None:
+        """End the relay as the client's normal close, but keep the backend socket open and
+        unread in :attr:`detached` (for PostgreSQL backend-session reuse)."""
+        if self.closed:
+            return
+        self.closed = True
+        for pump in self._pumps:
+            pump.stop()
+        self.detached = self.backend
+        try:
+            self.client.close()
+        except OSError:
+            pass
+        if not self.done.done():
+            self.done.set_result(CloseInfo("normal", "client"))
 
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None:
         """End the relay now (idempotent) and close both sockets."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from ferryman.proxy.session import Session
 
-from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo, Relay, SocketRelay
+from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo, Relay, SocketRelay, Watch
 
 MAX_SETUP_BUFFER = 1 << 20
 
@@ -349,13 +349,15 @@ async def relay_until_closed(
     splice: bool,
     initial_up: bytes = b"",
     initial_down: bytes = b"",
-) -> None:
+    watch: Watch | None = None,
+) -> Relay:
     """Relay a session's two sides until it ends: raw sockets on both sides use
-    :class:`SocketRelay` (splice); anything over a transport uses :class:`TransportRelay`."""
+    :class:`SocketRelay` (splice; ``watch`` follows the stream, see its ``detach``); anything
+    over a transport uses :class:`TransportRelay` (``watch`` unused). Returns the ended relay."""
     loop = asyncio.get_running_loop()
     relay: Relay
     if client_conn is None and backend_conn is None:
-        relay = SocketRelay(loop, client_sock, backend_sock, session.on_bytes, splice=splice)
+        relay = SocketRelay(loop, client_sock, backend_sock, session.on_bytes, splice=splice, watch=watch)
     else:
         client_side = client_conn or await wrap_plain(client_sock, server_side=True)
         backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
@@ -367,3 +369,4 @@ async def relay_until_closed(
     finally:
         # Cancelled (forced shutdown): the relay must still close, and the session audit.
         relay.close("shutdown")
+    return relay
