@@ -137,6 +137,7 @@ def test_server_context_settings(ca: Authority, tmp_path: Path) -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_OPTIONAL
     assert context.sni_callback is not None
+    assert context.num_tickets == 1  # see tls.certs._base_context
     # Only the configured CA is trusted: the system store is not loaded.
     assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ferryman test CA"),),)]
 

@@ -10,6 +10,7 @@ is where a rejection is certain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import socket
@@ -565,3 +566,32 @@ async def test_resumed_session_is_recorded_too(pki: Pki, serve: Serve, version: 
         # The certificate of a resumed session was verified when the session was made, not
         # now: MtlsSource re-checks its validity window for that reason.
         assert (info.sni, info.certificate, info.peer_cert_der) == ("db.example.com", "slot1", pki.client.der)
+
+
+def _memory_handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="db.example.com", session=session)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(5):
+        for obj in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        c.read(1)  # takes in the session ticket
+    return c, s
+
+
+def test_one_ticket_still_resumes_with_client_certificates(pki: Pki) -> None:
+    certs = pki.certs()
+    server = certs.server_context(client_auth="need", ca_file=pki.client_ca_file)
+    client = client_context(pki, cert=pki.client)
+    first, _ = _memory_handshake(server, client, None)
+    assert first.session is not None and not first.session_reused
+    second, served = _memory_handshake(server, client, first.session)
+    assert second.session_reused and served.session_reused
+    assert peer_certificate(served) == pki.client.der
+    assert certs.handshake_info(served).sni == "db.example.com"
