@@ -125,3 +125,24 @@ async def test_is_an_identity_source() -> None:
     assert isinstance(mtls, IdentitySource)
     assert mtls.name == "mtls"
     await mtls.aclose()
+
+
+async def test_memoised_certificate_is_still_checked_against_the_clock() -> None:
+    """The mapping is memoised per DER; the validity window and refusals are not."""
+    not_after = NOW + DAY
+    issued = CA.issue(emails=("erin@example.com",), not_before=NOW - DAY, not_after=not_after)
+    now = [NOW_TS]
+    src = MtlsSource("san_email", "ou", clock=lambda: now[0])
+    first = await src.identify(peer(issued))
+    assert first is not None and await src.identify(peer(issued)) is first
+    now[0] = not_after.timestamp() + 1
+    with pytest.raises(IdentityUnavailable, match="expired at"):
+        await src.identify(peer(issued))
+    no_email = CA.issue(cn="frank")
+    for _ in range(2):  # a refusal stays a refusal when it comes from the memo
+        with pytest.raises(IdentityUnavailable, match="has no SAN email"):
+            await MtlsSource(clock=lambda: NOW_TS).identify(peer(no_email))
+    src2 = MtlsSource(clock=lambda: NOW_TS)
+    for _ in range(2):
+        with pytest.raises(IdentityUnavailable, match="has no SAN email"):
+            await src2.identify(peer(no_email))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeAlias, assert_never
 
@@ -39,6 +40,19 @@ GroupsFrom: TypeAlias = Literal["ou", "none"]
 
 USER_FROM: tuple[UserFrom, ...] = ("san_email", "san_uri", "cn")
 GROUPS_FROM: tuple[GroupsFrom, ...] = ("ou", "none")
+
+
+_MEMO_SIZE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """What a certificate maps to, before the clock is consulted: its validity period and the
+    identity, or why it cannot be one."""
+
+    not_before: datetime
+    not_after: datetime
+    identity: Identity | str
 
 
 class MtlsSource:
@@ -62,6 +76,7 @@ class MtlsSource:
         self.user_from = user_from
         self.groups_from = groups_from
         self._clock = clock
+        self._memo: dict[bytes, _Mapped] = {}
 
     async def identify(self, peer: PeerInfo) -> Identity | None:
         if peer.peer_cert_der is None:
@@ -69,30 +84,52 @@ class MtlsSource:
         return self.identity_from_der(peer.peer_cert_der)
 
     def identity_from_der(self, der: bytes) -> Identity:
-        """The identity a DER client certificate vouches for. Raises ``IdentityUnavailable``."""
-        try:
-            certificate = x509.load_der_x509_certificate(der)
-        except ValueError:
-            raise IdentityUnavailable("mtls: client certificate is not valid DER") from None
-        return self.identity_from_certificate(certificate)
+        """The identity a DER client certificate vouches for. Raises ``IdentityUnavailable``.
+
+        Mapping a certificate is pure, so it is memoised per DER (a client presents the same
+        certificate on every connection); the validity period is checked against the clock on
+        every call."""
+        mapped = self._memo.get(der)
+        if mapped is None:
+            try:
+                certificate = x509.load_der_x509_certificate(der)
+            except ValueError:
+                raise IdentityUnavailable("mtls: client certificate is not valid DER") from None
+            mapped = self._map(certificate)
+            if len(self._memo) >= _MEMO_SIZE:
+                del self._memo[next(iter(self._memo))]
+            self._memo[der] = mapped
+        return self._checked(mapped)
 
     def identity_from_certificate(self, certificate: x509.Certificate) -> Identity:
         """As :meth:`identity_from_der`, for an already parsed certificate."""
+        return self._checked(self._map(certificate))
+
+    def _map(self, certificate: x509.Certificate) -> _Mapped:
         not_before = certificate.not_valid_before_utc
         not_after = certificate.not_valid_after_utc
-        now = self._clock()
-        if now > not_after.timestamp():
-            raise IdentityUnavailable(f"mtls: client certificate expired at {_iso(not_after)}")
-        if now < not_before.timestamp():
-            raise IdentityUnavailable(f"mtls: client certificate not valid before {_iso(not_before)}")
         sans = _subject_alt_names(certificate)
-        return Identity(
-            user=self._user(certificate, sans),
-            source=self.name,
-            groups=self._groups(certificate),
-            claims=_claims(certificate, sans),
-            expires_at=not_after.timestamp(),
-        )
+        try:
+            identity: Identity | str = Identity(
+                user=self._user(certificate, sans),
+                source=self.name,
+                groups=self._groups(certificate),
+                claims=_claims(certificate, sans),
+                expires_at=not_after.timestamp(),
+            )
+        except IdentityUnavailable as exc:
+            identity = str(exc)
+        return _Mapped(not_before, not_after, identity)
+
+    def _checked(self, mapped: _Mapped) -> Identity:
+        now = self._clock()
+        if now > mapped.not_after.timestamp():
+            raise IdentityUnavailable(f"mtls: client certificate expired at {_iso(mapped.not_after)}")
+        if now < mapped.not_before.timestamp():
+            raise IdentityUnavailable(f"mtls: client certificate not valid before {_iso(mapped.not_before)}")
+        if isinstance(mapped.identity, str):
+            raise IdentityUnavailable(mapped.identity)
+        return mapped.identity
 
     async def aclose(self) -> None:
         return None
