@@ -6,8 +6,11 @@ and turns the answer into an :class:`~ferryman.identity.base.Identity`: user = t
 ``ComputedName`` (else the first label of its MagicDNS ``Name``), tags = ``Node.Tags``, grants =
 the raw ``CapMap[capability]`` values, unparsed (the policy engine parses them).
 
-Must not: cache answers (revalidation must see grant changes on the next call), parse grants,
-or own the LocalAPI client (it is injected and closed by whoever built it).
+Must not: cache answers (revalidation must see grant changes on the next call: every
+``identify`` asks tailscaled), parse grants, or own the LocalAPI client (it is injected and
+closed by whoever built it). Mapping an answer to an identity is pure, so the identity built
+for an answer object is reused when the client returns that same object again (it does for a
+byte-identical body, see ``decode_whois``); a changed answer is a new object.
 
 Failing closed: every way WhoIs can fail -- 404, 403, another status, an unreachable socket, a
 timeout, an undecodable answer, a missing user profile -- raises
@@ -24,6 +27,7 @@ is asked as its IPv4 form, which is how tailscaled stores node addresses.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any, Protocol
 
@@ -40,6 +44,8 @@ from ferryman.tailscale.errors import (
     TailscaleError,
 )
 
+_MEMO_SIZE = 256
+
 
 class WhoIsClient(Protocol):
     """The part of :class:`ferryman.tailscale.LocalAPIClient` this source uses."""
@@ -49,16 +55,29 @@ class WhoIsClient(Protocol):
 
 def whois_addr(peer: PeerInfo) -> str | None:
     """The ``addr`` to ask tailscaled about, or None when it cannot know this peer."""
-    ip = peer.remote_ip
-    if ip is None or not 0 < peer.remote_port < 65536:
+    if not 0 < peer.remote_port < 65536:
+        return None
+    host = _whois_host(peer.remote_host)
+    return None if host is None else f"{host}:{peer.remote_port}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _whois_host(remote_host: str) -> str | None:
+    """The host part of ``addr`` for a peer host (``1.2.3.4``, ``[fd7a::1]``), or None.
+
+    Pure in the host string (parsed as ``PeerInfo.remote_ip`` parses it), so it is computed
+    once per distinct client address rather than once per connection."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(remote_host.split("%", 1)[0])
+    except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
         return None
     if isinstance(ip, ipaddress.IPv6Address):
-        return f"[{ip.compressed}]:{peer.remote_port}"
-    return f"{ip}:{peer.remote_port}"
+        return f"[{ip.compressed}]"
+    return str(ip)
 
 
 class TailscaleSource:
@@ -77,6 +96,9 @@ class TailscaleSource:
         self._client = client
         self.capability = capability
         self.timeout = timeout
+        self._memo: dict[int, tuple[WhoIsResponse, Identity]] = {}
+        """id(answer) → (answer, its identity): the client hands out the same answer object for
+        a byte-identical WhoIs body, and mapping it again would give an equal identity."""
 
     async def identify(self, peer: PeerInfo) -> Identity | None:
         addr = whois_addr(peer)
@@ -86,7 +108,15 @@ class TailscaleSource:
             answer = await self._client.whois(addr, timeout=self.timeout)
         except TailscaleError as exc:
             raise IdentityUnavailable(_reason(addr, exc)) from exc
-        return self.to_identity(addr, answer)
+        hit = self._memo.get(id(answer))
+        if hit is not None and hit[0] is answer:
+            return hit[1]
+        identity = self.to_identity(addr, answer)  # raises for an answer that is no identity
+        memo = self._memo
+        if len(memo) >= _MEMO_SIZE:
+            del memo[next(iter(memo))]
+        memo[id(answer)] = (answer, identity)  # the answer is kept: its id cannot be reused
+        return identity
 
     def to_identity(self, addr: str, answer: WhoIsResponse) -> Identity:
         """Map a WhoIs answer for ``addr`` to an identity. Raises ``IdentityUnavailable``."""

@@ -35,6 +35,7 @@ class AccessGeneration:
 
 
 CACHE_SIZE = 10_000
+_CAPS_MEMO_SIZE = 1024
 
 
 class Access:
@@ -42,6 +43,10 @@ class Access:
         self.generation = generation
         self._cache: dict[tuple[Any, ...], Authorization] = {}
         self._cache_generation: AccessGeneration | None = None
+        self._caps_memo: dict[int, tuple[tuple[Any, ...], str, list[CapGrant], list[str]]] = {}
+        """id(grants) → (grants, source, parsed, problems). A Tailscale source hands out the same
+        grants tuple for every connection of a peer whose WhoIs answer did not change; parsing it
+        again would give equal values."""
 
     async def identify(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity:
         """First identity any named source vouches for. Raises :class:`AccessDenied`."""
@@ -64,12 +69,21 @@ class Access:
 
     def carried_caps(self, identity: Identity) -> list[CapGrant]:
         """Capability values the identity brought (Tailscale CapMap), parsed; bad ones dropped."""
-        if not identity.grants:
+        grants = identity.grants
+        if not grants:
             return []
-        caps, problems = parse_cap_values(identity.grants, f"{identity.source} capability")
+        hit = self._caps_memo.get(id(grants))
+        if hit is not None and hit[0] is grants and hit[1] == identity.source:
+            caps, problems = hit[2], hit[3]
+        else:
+            caps, problems = parse_cap_values(grants, f"{identity.source} capability")
+            memo = self._caps_memo
+            if len(memo) >= _CAPS_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[id(grants)] = (grants, identity.source, caps, problems)  # keeps grants alive
         for problem in problems:
             logger.warning("ignoring malformed grant for %s: %s", identity.user, problem)
-        return caps
+        return list(caps)
 
     def authorize(self, identity: Identity, peer: PeerInfo, listener: str) -> Authorization:
         """Raises :class:`AccessDenied` when no grant names ``listener``."""

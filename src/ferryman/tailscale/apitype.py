@@ -169,8 +169,33 @@ def decode_cap_map(obj: Any, where: str = "CapMap") -> Mapping[str, tuple[Any, .
     return MappingProxyType(out)
 
 
+_WHOIS_MEMO: dict[bytes, WhoIsResponse] = {}
+_WHOIS_MEMO_SIZE = 256
+_WHOIS_MEMO_MAX_BODY = 64 << 10
+
+
 def decode_whois(body: bytes) -> WhoIsResponse:
-    """Decode a ``/localapi/v0/whois`` 200 body. Raises :class:`DecodeError`."""
+    """Decode a ``/localapi/v0/whois`` 200 body. Raises :class:`DecodeError`.
+
+    Decoding is pure, so a body identical to one decoded recently returns the same (frozen)
+    answer again: every connection from one peer gets a byte-identical answer until its node,
+    profile or CapMap changes, and the changed body is a new key. This memoises the parse, not
+    the lookup -- each connection still asks tailscaled. Answers are shared: treat them (and
+    the raw JSON values inside) as read-only.
+    """
+    memo = _WHOIS_MEMO
+    answer = memo.get(body)
+    if answer is None:
+        answer = _decode_whois(body)
+        if len(body) > _WHOIS_MEMO_MAX_BODY:
+            return answer
+        if len(memo) >= _WHOIS_MEMO_SIZE:
+            del memo[next(iter(memo))]  # oldest first
+        memo[body] = answer
+    return answer
+
+
+def _decode_whois(body: bytes) -> WhoIsResponse:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

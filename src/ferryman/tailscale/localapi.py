@@ -1,13 +1,14 @@
 """asyncio client for tailscaled's LocalAPI over its unix socket.
 
 Owns: :class:`LocalAPIClient` (``whois``, ``dial``, ``cert_pair``) and :class:`DialedConnection`,
-the raw stream a ``ts-dial`` upgrade leaves behind. Plain requests reuse up to eight idle
-keep-alive connections (as Go's http.Transport does); an upgrade always gets its own
-connection; every call is bounded by a timeout.
+the raw stream a ``ts-dial`` upgrade leaves behind. Plain requests reuse idle keep-alive
+connections (as Go's http.Transport does; up to ``_MAX_IDLE`` of them, so that a burst of
+concurrent WhoIs lookups does not connect anew); an upgrade always gets its own connection;
+every call is bounded by a timeout.
 
-Must not: frame HTTP itself (``ferryman.tailscale._http`` does, through h11), interpret WhoIs
-answers as identities (``ferryman.identity.tailscale``) or hold global state: the socket path
-and timeouts are given to the constructor.
+Must not: frame HTTP itself (``ferryman.tailscale._http`` does: h11-rendered requests,
+httptools parsing), interpret WhoIs answers as identities (``ferryman.identity.tailscale``) or
+hold global state: the socket path and timeouts are given to the constructor.
 
 Wire behaviour follows ``client/local/local.go`` and ``client/local/cert.go``:
 ``WhoIs`` is ``GET /localapi/v0/whois?addr=<url.QueryEscape(addr)>``, ``UserDial`` is a
@@ -18,6 +19,8 @@ Wire behaviour follows ``client/local/local.go`` and ``client/local/cert.go``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import re
 import socket
@@ -31,6 +34,7 @@ from ferryman.tailscale._http import (
     USER_AGENT,
     Exchange,
     HTTPResponse,
+    PlainRequest,
     build_request,
 )
 from ferryman.tailscale.apitype import WhoIsResponse, decode_whois, split_cert_pair
@@ -49,17 +53,128 @@ DEFAULT_SOCKET: Final = "/var/run/tailscale/tailscaled.sock"
 """``paths.DefaultTailscaledSocket()`` on Linux."""
 
 _RECV_SIZE = 65536
-_MAX_IDLE = 8
-"""Idle keep-alive connections to tailscaled kept for reuse."""
+_MAX_IDLE = 64
+"""Idle keep-alive connections to tailscaled kept for reuse: enough for a burst of concurrent
+WhoIs lookups (one per accepted client connection) to find one each instead of connecting anew.
+tailscaled serves every LocalAPI connection in its own goroutine and sets no limit; an idle one
+costs a descriptor on each side."""
 
 
-def _close_all(sockets: list[socket.socket]) -> None:
-    while sockets:
-        sockets.pop().close()
+def _close_all(conns: list[_KeepAlive]) -> None:
+    while conns:
+        conns.pop().close()
 
 
 class _StaleConnection(Exception):
     """A pooled keep-alive connection was closed by tailscaled before answering."""
+
+
+def _expire(fut: asyncio.Future[HTTPResponse]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+class _KeepAlive(asyncio.Protocol):
+    """One keep-alive connection to tailscaled for plain requests.
+
+    It stays registered with the loop between requests (no per-request reader set-up, and a
+    connection tailscaled closes while idle is noticed and skipped); a request is a
+    ``transport.write`` and a future that :meth:`data_received` completes once the
+    :class:`Exchange` has the whole answer.
+    """
+
+    __slots__ = ("answered", "closed", "exchange", "op", "pooled", "socket_path", "transport", "waiter")
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.waiter: asyncio.Future[HTTPResponse] | None = None
+        self.op = ""
+        self.pooled = False
+        self.answered = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def start(self, exchange: Exchange, waiter: asyncio.Future[HTTPResponse], op: str, pooled: bool) -> None:
+        self.exchange, self.waiter, self.op, self.pooled, self.answered = exchange, waiter, op, pooled, False
+        assert self.transport is not None
+        self.transport.write(exchange.request_bytes())
+
+    def data_received(self, data: bytes) -> None:
+        exchange, waiter = self.exchange, self.waiter
+        if exchange is None or waiter is None or waiter.done():
+            self.abort()  # bytes nobody asked for: this connection cannot be trusted again
+            return
+        self.answered = True
+        try:
+            resp = exchange.receive_data(data)
+        except TailscaleError as exc:
+            exc.socket_path = exc.socket_path or self.socket_path
+            waiter.set_exception(exc)
+            return
+        if resp is not None:
+            waiter.set_result(resp)
+
+    def eof_received(self) -> bool:
+        self._ended(None)
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._ended(exc)
+
+    def _ended(self, exc: Exception | None) -> None:
+        exchange, waiter = self.exchange, self.waiter
+        if exchange is None or waiter is None or waiter.done():
+            return
+        if self.pooled and not self.answered:
+            waiter.set_exception(_StaleConnection())
+        elif isinstance(exc, OSError):
+            waiter.set_exception(
+                LocalAPIProtocolError(
+                    f"connection to tailscaled failed during {self.op}: {exc.strerror or exc}",
+                    socket_path=self.socket_path,
+                )
+            )
+        else:
+            try:
+                resp = exchange.receive_data(b"")
+            except TailscaleError as err:
+                err.socket_path = err.socket_path or self.socket_path
+                waiter.set_exception(err)
+            else:
+                if resp is not None:
+                    waiter.set_result(resp)
+
+    def finish(self) -> None:
+        self.exchange = self.waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                self.transport.abort()
+
+
+_PLAIN_ADDR_RE = re.compile(r"[0-9A-Za-z.:\[\]]*")
+_ADDR_ESCAPES = str.maketrans({":": "%3A", "[": "%5B", "]": "%5D"})
+
+
+def _query_escape(addr: str) -> str:
+    """``url.QueryEscape(addr)``, i.e. ``quote_plus(addr, safe="")``; an ``ip:port`` (the only
+    thing WhoIs is asked about per connection) is escaped by a table, anything else by quote_plus."""
+    if _PLAIN_ADDR_RE.fullmatch(addr):
+        return addr.translate(_ADDR_ESCAPES)
+    return quote_plus(addr, safe="")
 
 
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$")
@@ -127,7 +242,7 @@ class LocalAPIClient:
         user_agent: str = USER_AGENT,
     ) -> None:
         self.socket_path = socket_path
-        self._idle: list[socket.socket] = []
+        self._idle: list[_KeepAlive] = []
         # A client dropped without aclose() still closes its pooled connections.
         weakref.finalize(self, _close_all, self._idle)
         self.timeout = timeout
@@ -146,7 +261,7 @@ class LocalAPIClient:
         :class:`LocalAPIError` for any other non-200, :class:`LocalAPIProtocolError` for an
         undecodable answer.
         """
-        target = "/localapi/v0/whois?addr=" + quote_plus(addr, safe="")
+        target = "/localapi/v0/whois?addr=" + _query_escape(addr)
         resp = await self._call("whois", "GET", target, timeout=timeout)
         if resp.status != 200:
             raise self._status_error(resp, target, not_found=PeerNotFound)
@@ -250,23 +365,65 @@ class LocalAPIClient:
     async def _call(self, op: str, method: str, target: str, *, timeout: float | None) -> HTTPResponse:
         # Plain requests reuse an idle keep-alive connection when there is one (WhoIs runs for
         # every new client connection; connect + accept per request is most of its cost). A
-        # pooled connection tailscaled has meanwhile closed fails before any answer: retry once
-        # on a fresh one.
-        while self._idle:
-            pooled = self._idle.pop()
+        # pooled connection tailscaled has meanwhile closed fails before any answer: retry on
+        # the next idle one, then on a fresh one.
+        assert method == "GET"
+        limit = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        request = PlainRequest(target, self.capability_version, self.user_agent)
+        idle = self._idle
+        while True:
+            conn: _KeepAlive | None = None
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    break
+                conn = None
+            pooled = conn is not None
+            if conn is None:
+                conn = await self._connect(op, limit)
+            waiter: asyncio.Future[HTTPResponse] = loop.create_future()
+            timer = loop.call_later(limit, _expire, waiter) if limit else None
+            exchange = Exchange(request)
             try:
-                sock, resp = await self._call_keep(op, method, target, [], timeout=timeout, pooled=pooled)
+                conn.start(exchange, waiter, op, pooled)
+                resp = await waiter
             except _StaleConnection:
+                conn.abort()
                 continue
-            break
-        else:
-            sock, resp = await self._call_keep(op, method, target, [], timeout=timeout)
-        if sock is not None:  # a switch nobody asked for: drop it
-            sock.close()
-            raise LocalAPIProtocolError(
-                f"tailscaled switched protocols on {op}", socket_path=self.socket_path
-            )
-        return resp
+            except TimeoutError:
+                conn.abort()
+                raise LocalAPITimeout(self.socket_path, op, limit or 0) from None
+            except BaseException:
+                conn.abort()
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            conn.finish()
+            if resp.switched:  # a switch nobody asked for: drop it
+                conn.abort()
+                raise LocalAPIProtocolError(
+                    f"tailscaled switched protocols on {op}", socket_path=self.socket_path
+                )
+            if exchange.reusable and not conn.closed and len(idle) < _MAX_IDLE:
+                idle.append(conn)
+            else:
+                conn.close()
+            return resp
+
+    async def _connect(self, op: str, limit: float | None) -> _KeepAlive:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(limit if limit else None):
+                _, conn = await loop.create_unix_connection(
+                    functools.partial(_KeepAlive, self.socket_path), self.socket_path
+                )
+        except TimeoutError:
+            raise LocalAPITimeout(self.socket_path, op, limit or 0) from None
+        except OSError as exc:
+            raise LocalAPIUnreachable(self.socket_path, exc) from None
+        return conn
 
     async def _call_keep(
         self,
@@ -276,15 +433,9 @@ class LocalAPIClient:
         headers: list[tuple[str, str]],
         *,
         timeout: float | None,
-        pooled: socket.socket | None = None,
     ) -> tuple[socket.socket | None, HTTPResponse]:
-        """Run one exchange; return the socket too when the protocol was switched.
-
-        With ``pooled``, the request goes over that idle keep-alive connection; if it turns out
-        to be closed before any answer byte, :class:`_StaleConnection` is raised (and the socket
-        closed) so the caller can retry on a fresh one. A plain exchange that ends with both
-        sides willing to keep the connection returns it to the idle pool.
-        """
+        """Run one exchange that may switch protocols (``ts-dial``) on a connection of its own;
+        return the socket too when the protocol was switched (else it is closed)."""
         limit = self.timeout if timeout is None else timeout
         request = build_request(
             method,
@@ -294,32 +445,24 @@ class LocalAPIClient:
             user_agent=self.user_agent,
         )
         loop = asyncio.get_running_loop()
-        sock = pooled if pooled is not None else socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         keep = False
-        pool = False
         try:
             sock.setblocking(False)
             async with asyncio.timeout(limit if limit else None):
-                if pooled is None:
-                    try:
-                        await loop.sock_connect(sock, self.socket_path)
-                    except OSError as exc:
-                        raise LocalAPIUnreachable(self.socket_path, exc) from None
+                try:
+                    await loop.sock_connect(sock, self.socket_path)
+                except OSError as exc:
+                    raise LocalAPIUnreachable(self.socket_path, exc) from None
                 exchange = Exchange(request)
-                answered = False
                 try:
                     await loop.sock_sendall(sock, exchange.request_bytes())
                     while True:
                         chunk = await loop.sock_recv(sock, _RECV_SIZE)
-                        if pooled is not None and not answered and not chunk:
-                            raise _StaleConnection
-                        answered = True
                         resp = exchange.receive_data(chunk)
                         if resp is not None:
                             break
                 except OSError as exc:
-                    if pooled is not None and not answered:
-                        raise _StaleConnection from None
                     raise LocalAPIProtocolError(
                         f"connection to tailscaled failed during {op}: {exc.strerror or exc}",
                         socket_path=self.socket_path,
@@ -331,10 +474,7 @@ class LocalAPIClient:
             raise LocalAPITimeout(self.socket_path, op, limit or 0) from None
         else:
             keep = resp.switched
-            pool = not keep and exchange.reusable and len(self._idle) < _MAX_IDLE
-            if pool:
-                self._idle.append(sock)
             return (sock if keep else None), resp
         finally:
-            if not keep and not pool:
+            if not keep:
                 sock.close()
