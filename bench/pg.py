@@ -671,6 +671,9 @@ def ferryman_config(ctx: Ctx, name: str, port: int, persons: list[tuple[str, str
         "",
         "[listeners.postgres]",
         f'admin_user = "{SUPERUSER}"',
+        # Keep a session per latency-series person (--tries, default 30; the default of 20 would
+        # evict each one before its repeat connection comes round).
+        f"backend_max_idle = {max(20, ctx.args.tries + 5)}",
         "",
     ]
     cfg = ctx.tmp / f"{name}.toml"

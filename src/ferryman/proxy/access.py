@@ -34,15 +34,12 @@ class AccessGeneration:
     capability: str
 
 
-CACHE_SIZE = 10_000
 _CAPS_MEMO_SIZE = 1024
 
 
 class Access:
     def __init__(self, generation: AccessGeneration) -> None:
         self.generation = generation
-        self._cache: dict[tuple[Any, ...], Authorization] = {}
-        self._cache_generation: AccessGeneration | None = None
         self._caps_memo: dict[int, tuple[tuple[Any, ...], str, list[CapGrant], list[str]]] = {}
         """id(grants) → (grants, source, parsed, problems). A Tailscale source hands out the same
         grants tuple for every connection of a peer whose WhoIs answer did not change; parsing it
