@@ -35,12 +35,60 @@ _SYNC_POINTS: Final = frozenset(b"QSF")
 _EXTENDED: Final = frozenset(b"PBDEC")
 _SYNC: Final = ord("S")
 _READY: Final = ord("Z")
+_TERMINATE: Final = TERMINATE[0]
 _IDLE: Final = ord("I")
 
 DEFAULT_BUDGET: Final = 256 * 1024
 """Bytes (both directions) a session may move while tracked. Reuse pays off for short
 sessions (it saves the backend's fork and login); a session that has moved this much has
 amortised those, so tracking stops and the relay is free to splice."""
+
+
+class _Boundaries:
+    """Message boundaries in one direction's byte stream: a typed header (``Byte1`` + ``Int32``
+    length) at each boundary, the body skipped by length -- across reads of any size."""
+
+    __slots__ = ("head", "skip")
+
+    def __init__(self) -> None:
+        self.head = b""
+        """The start of a header that the last read cut off."""
+        self.skip = 0
+        """Body bytes of the current message still to come."""
+
+    @property
+    def at_boundary(self) -> bool:
+        return not (self.head or self.skip)
+
+    def messages(self, data: bytes | memoryview, peek: int) -> list[tuple[int, int]] | None:
+        """``(type, first body byte or -1)`` of every message that starts in ``data``; the first
+        body byte is read only for messages of type ``peek``. None for a length below 4."""
+        if self.head:
+            data = self.head + bytes(data)
+            self.head = b""
+        n = len(data)
+        pos = self.skip
+        found: list[tuple[int, int]] = []
+        while pos < n:
+            if pos + 5 > n:
+                break
+            kind = data[pos]
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if length < 4:
+                return None
+            if kind == peek:
+                if pos + 6 > n:
+                    break  # the byte we want is in the next read
+                found.append((kind, data[pos + 5]))
+            else:
+                found.append((kind, -1))
+            pos += 1 + length
+        if pos < n:
+            self.head = bytes(data[pos:])
+            self.skip = 0
+        else:
+            self.skip = pos - n
+        return found
 
 
 class SessionTracker:
@@ -50,26 +98,13 @@ class SessionTracker:
     (:meth:`backend_data`), in order, starting right after the login's ReadyForQuery.
     """
 
-    __slots__ = (
-        "_down_head",
-        "_down_skip",
-        "_left",
-        "_ready",
-        "_status",
-        "_syncs",
-        "_unsynced",
-        "_up_head",
-        "_up_skip",
-        "active",
-    )
+    __slots__ = ("_down", "_left", "_ready", "_status", "_syncs", "_unsynced", "_up", "active")
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.active = True
         self._left = budget
-        self._up_skip = 0
-        self._up_head = b""
-        self._down_skip = 0
-        self._down_head = b""
+        self._up = _Boundaries()
+        self._down = _Boundaries()
         self._syncs = 0
         self._ready = 0
         self._status = _IDLE
@@ -80,7 +115,8 @@ class SessionTracker:
         """Both directions at a boundary, every sync point answered, no transaction open."""
         return (
             self.active
-            and not (self._up_skip or self._up_head or self._down_skip or self._down_head)
+            and self._up.at_boundary
+            and self._down.at_boundary
             and self._syncs == self._ready
             and self._status == _IDLE
             and not self._unsynced
@@ -89,91 +125,52 @@ class SessionTracker:
     def give_up(self) -> None:
         self.active = False
 
+    def _spend(self, n: int) -> bool:
+        self._left -= n
+        if self._left < 0:
+            self.active = False
+        return self.active
+
     def client_data(self, data: bytes | memoryview) -> bool:
         """Follow bytes from the client. True means: ``data`` is a lone ``Terminate`` and the
         session is idle -- keep the Terminate from the backend and the session may be reused.
         (The caller then stops feeding; the tracker is spent.)"""
         if not self.active:
             return False
-        n = len(data)
-        if n == 5 and data == TERMINATE and self.idle:
+        if len(data) == 5 and data == TERMINATE and self.idle:
             self.active = False
             return True
-        self._left -= n
-        if self._left < 0:
+        if not self._spend(len(data)):
+            return False
+        found = self._up.messages(data, -1)
+        if found is None:
             self.active = False
             return False
-        if self._up_head:
-            data = self._up_head + bytes(data)
-            n = len(data)
-            self._up_head = b""
-        pos = self._up_skip
-        if pos >= n:
-            self._up_skip = pos - n
-            return False
-        syncs = 0
-        while True:
-            if pos + 5 > n:
-                self._up_head = bytes(data[pos:])
-                self._up_skip = 0
-                break
-            kind = data[pos]
-            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if length < 4 or kind == TERMINATE[0]:
-                # Garbage, or a Terminate behind other messages: the session ends anyway.
-                self.active = False
-                return False
+        for kind, _ in found:
             if kind in _SYNC_POINTS:
-                syncs += 1
+                self._syncs += 1
                 if kind == _SYNC:
                     self._unsynced = False
             elif kind in _EXTENDED:
                 self._unsynced = True
-            pos += 1 + length
-            if pos >= n:
-                self._up_skip = pos - n
-                break
-        self._syncs += syncs
+            elif kind == _TERMINATE:
+                # A Terminate behind other messages: the session ends anyway.
+                self.active = False
+                return False
         return False
 
     def backend_data(self, data: bytes | memoryview) -> None:
         """Follow bytes from the backend."""
-        if not self.active:
+        if not self.active or not self._spend(len(data)):
             return
-        n = len(data)
-        self._left -= n
-        if self._left < 0:
+        found = self._down.messages(data, _READY)
+        if found is None:
             self.active = False
             return
-        if self._down_head:
-            data = self._down_head + bytes(data)
-            n = len(data)
-            self._down_head = b""
-        pos = self._down_skip
-        if pos >= n:
-            self._down_skip = pos - n
-            return
-        while True:
-            if pos + 5 > n:
-                self._down_head = bytes(data[pos:])
-                self._down_skip = 0
-                return
-            kind = data[pos]
-            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if length < 4:
-                self.active = False
-                return
+        for kind, status in found:
             if kind == _READY:
-                if pos + 6 > n:  # the status byte is in the next read
-                    self._down_head = bytes(data[pos:])
-                    self._down_skip = 0
-                    return
                 self._ready += 1
-                self._status = data[pos + 5]
-            pos += 1 + length
-            if pos >= n:
-                self._down_skip = pos - n
-                return
+                self._status = status
 
 
 RESET_SQL: Final = "DISCARD ALL"
