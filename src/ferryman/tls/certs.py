@@ -368,9 +368,13 @@ def ssl_object_of(endpoint: TlsEndpoint) -> ssl.SSLObject | ssl.SSLSocket | None
     """The ``SSLObject`` (or ``SSLSocket``) behind ``endpoint``; None for a plaintext one."""
     if isinstance(endpoint, ssl.SSLObject | ssl.SSLSocket):
         return endpoint
-    found = endpoint.get_extra_info("ssl_object") if isinstance(endpoint, _HasExtraInfo) else None
-    if found is None and isinstance(endpoint, _HasExtra):
-        found = endpoint.extra("ssl_object")
+    # getattr, not isinstance on the runtime-checkable protocols: that costs microseconds per
+    # handshake (typing walks the protocol's members every time).
+    get_extra_info = getattr(endpoint, "get_extra_info", None)
+    found = get_extra_info("ssl_object") if get_extra_info is not None else None
+    if found is None:
+        extra = getattr(endpoint, "extra", None)
+        found = extra("ssl_object") if extra is not None else None
     return found if isinstance(found, ssl.SSLObject | ssl.SSLSocket) else None
 
 
