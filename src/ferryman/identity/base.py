@@ -26,6 +26,14 @@ from typing import Any, Protocol, runtime_checkable
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """What the gateway knows about a connection when it asks who it is."""
@@ -45,11 +53,8 @@ class PeerInfo:
 
     @functools.cached_property
     def remote_ip(self) -> IPAddress | None:
-        """The parsed client address (parsed once per connection)."""
-        try:
-            return ipaddress.ip_address(self.remote_host.split("%", 1)[0])
-        except ValueError:
-            return None
+        """The parsed client address (parsed once per distinct address)."""
+        return _parse_ip(self.remote_host)
 
     @property
     def remote_addr(self) -> str:

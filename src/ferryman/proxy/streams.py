@@ -155,6 +155,14 @@ class Conn(asyncio.Protocol):
         if self.transport is not None and not self._closed:
             self.transport.abort()
 
+    def lingers(self) -> bool:
+        """Whether :meth:`close` may leave the connection open for a while: TLS (it waits for
+        the peer's close_notify) or bytes the peer has not taken yet."""
+        transport = self.transport
+        if transport is None or self._closed:
+            return False
+        return transport.get_extra_info("sslcontext") is not None or transport.get_write_buffer_size() > 0
+
 
 @dataclass(eq=False)
 class SetupStream:
@@ -334,7 +342,8 @@ class TransportRelay:
             # Flush what was relayed (e.g. up to a byte budget), but don't wait on a peer
             # that stopped reading: abort whatever is still open shortly after.
             conn.close()
-            self.loop.call_later(2.0, conn.abort)
+            if conn.lingers():
+                self.loop.call_later(2.0, conn.abort)
         if not self.done.done():
             self.done.set_result(CloseInfo(reason, closed_by, detail))
 
