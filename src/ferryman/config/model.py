@@ -97,6 +97,17 @@ class TailscaleConfig(_Model):
     """Bound on one LocalAPI call (WhoIs, dial, cert)."""
     cert_check_interval: Duration = 3600.0
     """How often tailnet certificates (``use_tailscale_tls``) are checked for renewal."""
+    socks5: str | None = None
+    """``host:port`` of tailscaled's SOCKS5 server (``tailscaled --socks5-server``): listeners
+    with ``backend_via_tailscale`` dial through it instead of the LocalAPI ``ts-dial`` upgrade.
+    Names are resolved by tailscaled (MagicDNS)."""
+
+    @field_validator("socks5")
+    @classmethod
+    def _check_socks5(cls, value: str | None) -> str | None:
+        if value is not None and not split_hostport(value)[0]:
+            raise ValueError(f"socks5 needs a host: {value!r}")
+        return value
 
 
 class StaticIdentityConfig(_Model):

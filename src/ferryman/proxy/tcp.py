@@ -31,6 +31,7 @@ from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import Conn, accept_tls, connect_tls, relay_until_closed
 from ferryman.routing import NoRoute, Route
 from ferryman.tailscale.errors import TailscaleError
+from ferryman.tailscale.socks5 import dial_socks5
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def peer_info(sock: socket.socket, addr: tuple[Any, ...], listener: str) -> Peer
 async def dial_backend(
     rt: Runtime, listener: ListenerConfig, target: TargetConfig | None = None
 ) -> tuple[socket.socket, bytes]:
-    """Connect to ``target`` (default: the listener's backend), directly or through tailscaled.
+    """Connect to ``target`` (default: the listener's backend), directly or through tailscaled
+    (its SOCKS5 server when ``[tailscale] socks5`` is set, else the LocalAPI ``ts-dial``).
 
     Returns the connected socket and any backend bytes that arrived with the dial answer.
     Raises :class:`BackendUnavailable` with the reason.
@@ -66,6 +68,9 @@ async def dial_backend(
         host, port = target.dial_host, target.port
     if not listener.backend_via_tailscale:
         return await dial_tcp(host, port, listener.dial_timeout), b""
+    tailscale = rt.config.tailscale
+    if tailscale is not None and tailscale.socks5 is not None:
+        return await dial_socks5(tailscale.socks5, host, port, listener.dial_timeout), b""
     if rt.tailscale is None:
         raise BackendUnavailable("backend_via_tailscale is set but [tailscale] is not configured")
     try:
