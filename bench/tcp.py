@@ -1191,11 +1191,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["_worker"]:
-        return worker_main(argv[1:])
-    args = parse_args(argv)
-
+def find_binaries(args: argparse.Namespace) -> tuple[str, str | None, list[str]]:
+    """(ferryman, haproxy or None, the paths left to measure): ``--ferryman`` or the project's
+    virtualenv or PATH; ``--haproxy`` or PATH (no HAProxy: its columns are skipped)."""
     ferryman_bin = args.ferryman or str(REPO / ".venv" / "bin" / "ferryman")
     if not os.access(ferryman_bin, os.X_OK):
         ferryman_bin = shutil.which("ferryman") or ferryman_bin
@@ -1204,20 +1202,32 @@ def main(argv: list[str]) -> int:
     if haproxy_bin is None:
         paths = [p for p in paths if not p.startswith("haproxy")]
         log("haproxy not found: HAProxy columns skipped")
+    return ferryman_bin, haproxy_bin, paths
+
+
+def pin_cpus(no_pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """(proxy CPUs, tool CPUs): the proxy under test gets the last CPU to itself; every load
+    generator and backend (and this process, from now on) shares the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if no_pin or len(cpus) < 2:
+        return None, None
+    tool_cpus = set(cpus[:-1])
+    os.sched_setaffinity(0, tool_cpus)
+    return {cpus[-1]}, tool_cpus
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["_worker"]:
+        return worker_main(argv[1:])
+    args = parse_args(argv)
+
+    ferryman_bin, haproxy_bin, paths = find_binaries(args)
     for tool, metric in (("iperf3", "throughput"), ("redis-benchmark", "redis")):
         if metric in args.only and shutil.which(tool) is None:
             log(f"{tool} not found: {metric} skipped")
             args.only.remove(metric)
 
-    # CPUs: the proxy under test gets the last CPU to itself, every load generator and backend
-    # (and this process) shares the others.
-    cpus = sorted(os.sched_getaffinity(0))
-    if not args.no_pin and len(cpus) >= 2:
-        proxy_cpus: set[int] | None = {cpus[-1]}
-        tool_cpus: set[int] | None = set(cpus[:-1])
-        os.sched_setaffinity(0, tool_cpus)
-    else:
-        proxy_cpus = tool_cpus = None
+    proxy_cpus, tool_cpus = pin_cpus(args.no_pin)
 
     # A proxy needs two descriptors per relayed connection (plus a few hundred of its own:
     # listeners, pipes, the event loop); children inherit this process's limit.

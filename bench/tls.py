@@ -1507,14 +1507,7 @@ def main(argv: list[str]) -> int:
         return worker_main(argv[1:])
     args = parse_args(argv)
 
-    ferryman_bin = args.ferryman or str(REPO / ".venv" / "bin" / "ferryman")
-    if not os.access(ferryman_bin, os.X_OK):
-        ferryman_bin = shutil.which("ferryman") or ferryman_bin
-    haproxy_bin = args.haproxy if os.access(args.haproxy, os.X_OK) else shutil.which("haproxy")
-    paths = list(args.paths)
-    if haproxy_bin is None:
-        paths = [p for p in paths if not p.startswith("haproxy")]
-        log("haproxy not found: HAProxy columns skipped")
+    ferryman_bin, haproxy_bin, paths = tcp.find_binaries(args)
     if args.hs_client in ("auto", "cffi"):
         why = hsclient_available()
         if why and args.hs_client == "cffi":
@@ -1527,13 +1520,7 @@ def main(argv: list[str]) -> int:
         log("openssl not found: handshakes skipped")
         args.only.remove("handshakes")
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if not args.no_pin and len(cpus) >= 2:
-        proxy_cpus: set[int] | None = {cpus[-1]}
-        tool_cpus: set[int] | None = set(cpus[:-1])
-        os.sched_setaffinity(0, tool_cpus)
-    else:
-        proxy_cpus = tool_cpus = None
+    proxy_cpus, tool_cpus = tcp.pin_cpus(args.no_pin)
     soft = tcp.raise_nofile(16384)
     haproxy_maxconn = max(256, min(4096, (soft - 500) // 2))
 

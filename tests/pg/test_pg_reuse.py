@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import trustme
 
 from ferryman.app import Gateway
 from tests.pg.conftest import APPDB, listener_port, pg_files, pg_grant
@@ -49,6 +50,12 @@ def sessions_of(cluster: PgCluster, prefix: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def pid_alive(cluster: PgCluster, pid: int) -> bool:
+    with psycopg.connect(cluster.dsn()) as conn:
+        row = conn.execute("select count(*) from pg_stat_activity where pid = %s", (pid,)).fetchone()
+    return row == (1,)
 
 
 async def test_next_connection_of_the_same_role_gets_the_kept_session(
@@ -238,3 +245,55 @@ async def test_pgbench_new_connection_per_transaction_reuses_sessions(
     assert kinds.count("kept") == reused
     # A fresh login happens only while a just-ended session is still being reset.
     assert reused >= 150, kinds
+
+
+async def test_max_idle_evicts_the_least_recently_parked(tmp_path: Path, cluster: PgCluster) -> None:
+    cluster.create_database("evictdb")
+    files = reuse_files(tmp_path, cluster, "rk_", backend_max_idle=1)
+    async with running_gateway(files) as gateway:
+        port = listener_port(files)
+        pool = pool_of(gateway)
+        first = await backend_pid(port)
+        await wait_for(lambda: len(pool) == 1)
+        other = await backend_pid(port, "evictdb")  # parks a second session: the first goes
+        await wait_for(lambda: sessions_of(cluster, "rk_") == 1, timeout=10)
+        assert len(pool) == 1
+        assert not pid_alive(cluster, first)
+        assert await backend_pid(port) != first
+        await wait_for(lambda: not pid_alive(cluster, other), timeout=10)  # evicted in turn
+        assert await backend_pid(port, "evictdb") != other
+        assert pool.reused == 0
+
+
+async def test_sessions_past_their_lifetime_are_not_reused(tmp_path: Path, cluster: PgCluster) -> None:
+    files = reuse_files(tmp_path, cluster, "rl_", backend_lifetime="300ms")
+    async with running_gateway(files) as gateway:
+        port = listener_port(files)
+        first = await backend_pid(port)
+        await wait_for(lambda: len(pool_of(gateway)) == 1)
+        await asyncio.sleep(0.5)
+        assert await backend_pid(port) != first
+        assert pool_of(gateway).reused == 0
+
+
+async def test_tls_clients_do_not_reuse(tmp_path: Path, cluster: PgCluster) -> None:
+    """The relay can only follow message boundaries on raw sockets: a TLS client always gets a
+    fresh backend session (documented)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "srv.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "srv.key"))
+    files = pg_files(
+        tmp_path, cluster, prefix="rm_", tls_mode="optional",
+        cert_file=str(tmp_path / "srv.pem"), key_file=str(tmp_path / "srv.key"),
+    )  # fmt: skip
+    files.grants.append(pg_grant({"*": {"permissions": ["readonly"]}}))
+    async with running_gateway(files) as gateway:
+        port = listener_port(files)
+        pool = pool_of(gateway)
+        plain = await backend_pid(port)  # a plaintext client's session is kept…
+        await wait_for(lambda: len(pool) == 1)
+        tls = [await backend_pid(port, sslmode="require") for _ in range(2)]
+        assert plain not in tls and tls[0] != tls[1]  # …but TLS clients neither take nor leave one
+        assert len(pool) == 1 and pool.reused == 0
+        assert await backend_pid(port) == plain

@@ -101,10 +101,6 @@ class MtlsSource:
             self._memo[der] = mapped
         return self._checked(mapped)
 
-    def identity_from_certificate(self, certificate: x509.Certificate) -> Identity:
-        """As :meth:`identity_from_der`, for an already parsed certificate."""
-        return self._checked(self._map(certificate))
-
     def _map(self, certificate: x509.Certificate) -> _Mapped:
         not_before = certificate.not_valid_before_utc
         not_after = certificate.not_valid_after_utc

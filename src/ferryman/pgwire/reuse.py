@@ -122,9 +122,6 @@ class SessionTracker:
             and not self._unsynced
         )
 
-    def give_up(self) -> None:
-        self.active = False
-
     def _spend(self, n: int) -> bool:
         self._left -= n
         if self._left < 0:

@@ -24,7 +24,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ferryman import pgwire
 from ferryman.config.model import ListenerConfig, TargetConfig
@@ -44,6 +44,7 @@ from ferryman.identity.base import Identity, PeerInfo
 from ferryman.limits.tracker import Lease
 from ferryman.policy.engine import Authorization
 from ferryman.policy.model import PgDatabaseGrant
+from ferryman.provision.provisioner import RoleLogin
 from ferryman.proxy.pgbackend import (
     BackendRefused,
     BackendSide,
@@ -51,7 +52,8 @@ from ferryman.proxy.pgbackend import (
     backend_tls_context,
     send_cancel,
 )
-from ferryman.proxy.pgpool import BackendPool, KeptSession, pool_key
+from ferryman.proxy.pgpool import KeptSession, PoolKey, pool_key
+from ferryman.proxy.pgroles import PgRoles
 from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
 from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
@@ -61,32 +63,6 @@ from ferryman.proxy.tcp import peer_info
 from ferryman.routing import NoRoute
 
 logger = logging.getLogger(__name__)
-
-
-class RoleLogin(Protocol):
-    role: str
-    password: str | None
-
-
-class RoleProvisioner(Protocol):
-    """What PostgreSQL mode needs from :mod:`ferryman.provision` (and a backend's kept sessions)."""
-
-    pool: BackendPool
-
-    async def ensure_login(
-        self,
-        *,
-        user: str,
-        node: str,
-        database: str,
-        grant: PgDatabaseGrant,
-        requested_presets: str | None,
-        allow_raw_sql: bool,
-    ) -> RoleLogin: ...
-
-    async def terminate_backend(self, pid: int) -> None: ...
-
-    def forget(self, role: str) -> None: ...
 
 
 def database_grant(auth: Authorization, database: str) -> PgDatabaseGrant:
@@ -262,7 +238,7 @@ class _Admitted:
     lease: Lease
     login: RoleLogin
     startup: Startup
-    provisioner: RoleProvisioner
+    provisioner: PgRoles
     target: TargetConfig
 
 
@@ -277,13 +253,13 @@ class _BackendSession:
     trailing: bytes
     born: float
     reused: bool
-    reusable: bool
-    """May go back to the pool when the client ends the session idle."""
+    pool_key: PoolKey | None
+    """Where the session goes back to when the client ends it idle; None: never reused."""
 
     @classmethod
-    def kept(cls, kept: KeptSession) -> _BackendSession:
+    def kept(cls, kept: KeptSession, key: PoolKey) -> _BackendSession:
         side = BackendSide(kept.sock)
-        return cls(side, kept.key_data, kept.parameters, "I", b"", kept.born, True, True)
+        return cls(side, kept.key_data, kept.parameters, "I", b"", kept.born, True, key)
 
 
 def _reusable(listener: ListenerConfig, client: ClientSide) -> bool:
@@ -304,7 +280,7 @@ async def _login(
     rt: Runtime,
     listener: ListenerConfig,
     target: TargetConfig,
-    provisioner: RoleProvisioner,
+    provisioner: PgRoles,
     identity: Identity,
     grant: PgDatabaseGrant,
     startup: Startup,
@@ -324,10 +300,11 @@ async def _login(
             requested_presets=startup.requested_presets,
             allow_raw_sql=listener.postgres.allow_raw_sql,
         )
-        if reuse:
-            kept = provisioner.pool.take(pool_key(login.role, startup.database, startup.forward))
+        key = pool_key(login.role, startup.database, startup.forward) if reuse else None
+        if key is not None:
+            kept = provisioner.pool.take(key)
             if kept is not None:
-                return login, _BackendSession.kept(kept)
+                return login, _BackendSession.kept(kept, key)
         try:
             backend, codec = await backend_login(
                 rt,
@@ -347,7 +324,7 @@ async def _login(
                 codec.trailing_data,
                 time.monotonic(),
                 reused=False,
-                reusable=reuse,
+                pool_key=key,
             )
             return login, session
         except BackendAuthFailed:
@@ -402,19 +379,14 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         rt.pg_cancel.pop((our_pid, our_secret), None)
         _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
         return
-    rt.audit.write(
-        "decision",
-        id=conn_id,
-        listener=listener.name,
-        mode="postgres",
-        allowed=True,
-        user=identity.user,
-        node=identity.node,
-        identity_source=identity.source,
-        source=peer.remote_addr,
+    rt.audit_admitted(
+        conn_id,
+        listener,
+        peer,
+        identity,
+        auth.origins,
         database=startup.database,
         role=login.role,
-        grants=list(auth.origins),
         backend_session="kept" if backend.reused else "new",
     )
     up, down = server.trailing_data, backend.trailing
@@ -437,7 +409,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         session.graceful_close = _terminator(provisioner, key.process_id)
     rt.sessions.add(session)
     side = backend.side
-    watch = pgwire.SessionTracker() if backend.reusable and side.conn is None else None
+    watch = pgwire.SessionTracker() if backend.pool_key is not None and side.conn is None else None
     try:
         relay = await relay_until_closed(
             session,
@@ -452,15 +424,15 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         )
     finally:
         rt.pg_cancel.pop((our_pid, our_secret), None)
-    if isinstance(relay, SocketRelay) and relay.detached is not None:
+    if isinstance(relay, SocketRelay) and relay.detached is not None and backend.pool_key is not None:
         # The client said Terminate with the session idle: clean it and keep it for the next
         # connection of this role (the Terminate never reached the backend).
         kept = KeptSession(relay.detached, key, backend.parameters, backend.born)
-        provisioner.pool.give_back(pool_key(login.role, startup.database, startup.forward), kept)
+        provisioner.pool.give_back(backend.pool_key, kept)
 
 
 def _rechecker(
-    session: Session, listener: ListenerConfig, startup: Startup, provisioner: RoleProvisioner
+    session: Session, listener: ListenerConfig, startup: Startup, provisioner: PgRoles
 ) -> Callable[[Authorization], Awaitable[None]]:
     """Revalidation for a PostgreSQL session: the database grant must still be there, and a
     changed grant is reconciled on the live role (memberships follow the new preset)."""
@@ -482,7 +454,7 @@ def _rechecker(
     return recheck
 
 
-def _terminator(provisioner: RoleProvisioner, backend_pid: int) -> Callable[[], Awaitable[None]]:
+def _terminator(provisioner: PgRoles, backend_pid: int) -> Callable[[], Awaitable[None]]:
     async def terminate() -> None:
         # PostgreSQL itself then sends FATAL 57P01 at a message boundary and closes.
         await provisioner.terminate_backend(backend_pid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ class Runtime:
     routers: dict[str, Router] = field(default_factory=dict)
     """Target choice per listener name (round robin and down-marking persist across connections)."""
     provisioners: dict[str, Any] = field(default_factory=dict)
-    """Role provisioner per PostgreSQL listener name (``proxy.pg.RoleProvisioner``)."""
+    """Role provisioners per PostgreSQL listener name (``proxy.pgroles.ListenerRoles``)."""
     pg_cancel: dict[tuple[int, bytes], CancelTarget] = field(default_factory=dict)
     """Our (process id, secret key) handed to a client → its backend session."""
     listeners: dict[str, ListenerConfig] = field(default_factory=dict)
@@ -117,6 +118,30 @@ class Runtime:
             extra={"conn_id": conn_id, "listener": listener.name, "outcome": kind},
         )
         self.audit.write("decision", **fields)
+
+    def audit_admitted(
+        self,
+        conn_id: str,
+        listener: ListenerConfig,
+        peer: PeerInfo,
+        identity: Identity,
+        origins: Sequence[str],
+        **mode_fields: Any,
+    ) -> None:
+        """Audit an allowed connection; ``mode_fields`` are what the mode adds (route, role…)."""
+        self.audit.write(
+            "decision",
+            id=conn_id,
+            listener=listener.name,
+            mode=listener.mode,
+            allowed=True,
+            user=identity.user,
+            node=identity.node,
+            identity_source=identity.source,
+            source=peer.remote_addr,
+            **mode_fields,
+            grants=list(origins),
+        )
 
     def session_closed(self, session: Session, info: CloseInfo) -> None:
         self.sessions.remove(session)

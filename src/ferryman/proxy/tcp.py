@@ -200,20 +200,7 @@ async def serve_tcp(
         sock.close()
         rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc, waiting_for))
         return
-    rt.audit.write(
-        "decision",
-        id=conn_id,
-        listener=listener.name,
-        mode="tcp",
-        allowed=True,
-        user=identity.user,
-        node=identity.node,
-        identity_source=identity.source,
-        source=peer.remote_addr,
-        sni=peer.sni,
-        route=route.rule,
-        grants=list(auth.origins),
-    )
+    rt.audit_admitted(conn_id, listener, peer, identity, auth.origins, sni=peer.sni, route=route.rule)
     try:
         backend, backend_conn, first_bytes, target = await connect_route(rt, listener, route, peer)
     except BackendUnavailable as exc:
