@@ -62,9 +62,16 @@ async def _connect(sock: socket.socket, addr: tuple[Any, ...]) -> None:
 
 
 def _new_socket(family: int) -> socket.socket:
+    """Non-blocking, with ``TCP_NODELAY`` already set (it survives the connect)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _cannot_connect(host: str, port: int, exc: OSError | None) -> BackendUnavailable:
+    reason = exc.strerror if exc is not None and exc.strerror else exc
+    return BackendUnavailable(f"cannot connect to {host}:{port}: {reason}")
 
 
 async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
@@ -76,11 +83,10 @@ async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
         pending = _new_socket(family)
         try:
             if _start_connect(pending, (host, port)):
-                pending.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return pending
         except OSError as exc:
             pending.close()
-            raise BackendUnavailable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise _cannot_connect(host, port, exc) from None
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout if timeout > 0 else None):
@@ -90,7 +96,6 @@ async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
                 except BaseException:
                     pending.close()
                     raise
-                pending.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return pending
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             last: OSError | None = None
@@ -105,14 +110,11 @@ async def dial_tcp(host: str, port: int, timeout: float) -> socket.socket:
                 except BaseException:
                     sock.close()
                     raise
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
-            raise BackendUnavailable(
-                f"cannot connect to {host}:{port}: {last.strerror if last and last.strerror else last}"
-            )
+            raise _cannot_connect(host, port, last)
     except TimeoutError:
         raise BackendUnavailable(f"cannot connect to {host}:{port}: timed out after {timeout:g}s") from None
     except socket.gaierror as exc:
         raise BackendUnavailable(f"cannot resolve {host}: {exc.strerror}") from None
     except OSError as exc:  # the literal address's connect failed
-        raise BackendUnavailable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        raise _cannot_connect(host, port, exc) from None

@@ -348,30 +348,23 @@ class SocketRelay:
     def detach(self) -> None:
         """End the relay as the client's normal close, but keep the backend socket open and
         unread in :attr:`detached` (for PostgreSQL backend-session reuse)."""
-        if self.closed:
-            return
-        self.closed = True
-        for pump in self._pumps:
-            pump.stop()
-        self.detached = self.backend
-        try:
-            self.client.close()
-        except OSError:
-            pass
-        if not self.done.done():
-            self.done.set_result(CloseInfo("normal", "client"))
+        if not self.closed:
+            self.detached = self.backend
+            self._end((self.client,), CloseInfo("normal", "client"))
 
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None:
         """End the relay now (idempotent) and close both sockets."""
-        if self.closed:
-            return
+        if not self.closed:
+            self._end((self.client, self.backend), CloseInfo(reason, closed_by, detail))
+
+    def _end(self, sockets: tuple[socket.socket, ...], info: CloseInfo) -> None:
         self.closed = True
         for pump in self._pumps:
             pump.stop()
-        for sock in (self.client, self.backend):
+        for sock in sockets:
             try:
                 sock.close()
             except OSError:
                 pass
         if not self.done.done():
-            self.done.set_result(CloseInfo(reason, closed_by, detail))
+            self.done.set_result(info)
