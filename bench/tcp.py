@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TCP-mode benchmark: direct vs ferryman (splice / no splice) vs HAProxy, in one run.
+"""TCP-mode benchmark: direct vs ferryman (copy / splice) vs HAProxy, in one run.
 
 Measures, per path:
 
@@ -58,11 +58,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GB = 1e9
 
 METRICS = ("throughput", "redis", "connrate", "memory")
-DEFAULT_PATHS = ("direct", "ferryman", "ferryman-nosplice", "haproxy", "haproxy-buf64k")
+DEFAULT_PATHS = ("direct", "ferryman", "ferryman-splice", "haproxy", "haproxy-buf64k")
 OPTIONAL_PATHS = ("haproxy-splice",)
 HAPROXY_BASELINES = ("haproxy", "haproxy-buf64k")
 """The HAProxy variants whose better value (per row) is the comparison baseline."""
-FERRYMAN_PATHS = ("ferryman", "ferryman-nosplice")
+FERRYMAN_PATHS = ("ferryman", "ferryman-splice")
 
 IPERF_RUNS = ((1, False), (8, False), (1, True), (8, True))
 """(parallel streams, reverse)."""
@@ -348,8 +348,8 @@ def proxy_for(ctx: Ctx, path: str, backend_port: int, metric: str) -> Iterator[P
             )
         )
         cmd = [ctx.ferryman_bin, "serve", "-c", str(cfg)]
-        if path == "ferryman-nosplice":
-            cmd.append("--no-splice")
+        if path == "ferryman-splice":
+            cmd.append("--splice")
     else:
         assert ctx.haproxy_bin is not None
         tune = "    tune.bufsize 65536\n" if path == "haproxy-buf64k" else ""
@@ -877,7 +877,7 @@ def render(results: Results, evaluation: dict[str, dict[str, Any]], paths: list[
     lines.append("")
 
     fms = [p for p in FERRYMAN_PATHS if p in paths]
-    short = {"ferryman": "fm", "ferryman-nosplice": "fm-nosplice"}
+    short = {"ferryman": "fm", "ferryman-splice": "fm-splice"}
     head = ["metric", "haproxy best", *(f"{short[f]}/hap" for f in fms), *(f"{short[f]}/direct" for f in fms)]
     head += ["target", *(f"{short[f]}" for f in fms)]
     body = []

@@ -74,8 +74,8 @@ METRICS = ("terminated", "handshakes", "passthrough", "passthrough-raw")
 PREFIX = {"terminated": "term", "passthrough": "pass", "passthrough-raw": "praw"}
 """Row-key prefix of each throughput metric."""
 DEFAULT_PATHS = ("direct", "ferryman", "haproxy", "haproxy-buf64k")
-OPTIONAL_PATHS = ("ferryman-nosplice",)
-FERRYMAN_PATHS = ("ferryman", "ferryman-nosplice")
+OPTIONAL_PATHS = ("ferryman-splice",)
+FERRYMAN_PATHS = ("ferryman", "ferryman-splice")
 HAPROXY_BASELINES = tcp.HAPROXY_BASELINES
 TPUT_RUNS = ((1, "fwd"), (1, "rev"), (8, "fwd"), (8, "rev"))
 """(parallel TLS streams, direction): ``fwd`` the client sends, ``rev`` the backend sends."""
@@ -315,8 +315,8 @@ def proxy_for(ctx: Ctx, path: str, metric: str, backend_port: int) -> Iterator[P
         cfg = ctx.tmp / f"{name}.toml"
         cfg.write_text(ferryman_config(ctx, name, metric, port, backend_port))
         cmd = [ctx.ferryman_bin, "serve", "-c", str(cfg)]
-        if path == "ferryman-nosplice":
-            cmd.append("--no-splice")
+        if path == "ferryman-splice":
+            cmd.append("--splice")
         if ctx.snapshot is not None:  # env execs: the pid stays ferryman's
             cmd = ["env", f"PYTHONPATH={ctx.snapshot}", *cmd]
     else:
@@ -1022,7 +1022,7 @@ def render(
     def fmt(row: Row, v: Any) -> str:
         return "n/a" if v is None else row.fmt.format(v)
 
-    short = {"direct": "dir", "ferryman": "fm", "ferryman-nosplice": "fm-ns", "haproxy": "def"}
+    short = {"direct": "dir", "ferryman": "fm", "ferryman-splice": "fm-sp", "haproxy": "def"}
     short["haproxy-buf64k"] = "64k"
     table_rows = [r for r in rows() if r.key in results]
     head = ["metric", "unit", *paths]

@@ -117,7 +117,7 @@ def _policy_stamp(path: str | None) -> tuple[float, int] | None:
 class Gateway:
     """A running ferryman: listeners, sessions, revalidation, reload and shutdown."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = True) -> None:
+    def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = False) -> None:
         self.config = config
         self.config_path = config_path
         self.runtime = Runtime(

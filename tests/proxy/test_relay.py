@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from ferryman.proxy.relay import DOWN, SCRATCH_SIZE, UP, CloseInfo, SocketRelay
+from ferryman.proxy.relay import BULK, DOWN, SCRATCH_SIZE, UP, CloseInfo, SocketRelay, segment_aligned
 
 
 async def bounded(fut: "asyncio.Future[CloseInfo]", seconds: float = 5.0) -> CloseInfo:
@@ -194,3 +194,42 @@ async def test_close_is_idempotent_and_closes_both_sockets() -> None:
     assert await h.recv_all(h.client_app) == b""
     assert await h.recv_all(h.backend_app) == b""
     h.close_apps()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_MAXSEG"), reason="needs TCP_MAXSEG")
+async def test_copy_mode_sends_whole_segments_in_bulk() -> None:
+    """Copying bulk data, the relay reads (and so sends) whole multiples of the destination's
+    segment size: with TCP_NODELAY any other size ends in a short segment of its own (on
+    loopback a 64 KiB send is a 65,483-byte segment and a 53-byte one)."""
+    loop = asyncio.get_running_loop()
+    client_app, client_side = tcp_pair()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        backend_side = socket.socket()
+        backend_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
+        backend_side.connect(server.getsockname())
+        backend_app, _ = server.accept()
+    for s in (backend_side, backend_app):
+        s.setblocking(False)
+    mss = backend_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    assert 0 < mss <= 1000
+    assert segment_aligned(backend_side) == SCRATCH_SIZE - SCRATCH_SIZE % mss
+    reads: list[int] = []
+    relay = SocketRelay(loop, client_side, backend_side, lambda d, n: reads.append(n), splice=False)
+    payload = os.urandom(8 * 1024 * 1024)
+    sender = asyncio.ensure_future(loop.sock_sendall(client_app, payload))
+    await asyncio.sleep(0.05)  # let the client's data queue up so the relay's reads fill up
+    relay.start()
+    got = bytearray()
+    while len(got) < len(payload):
+        got += await loop.sock_recv(backend_app, 1 << 20)
+    await sender
+    assert got == payload
+    aligned = SCRATCH_SIZE - SCRATCH_SIZE % mss
+    bulk = [n for n in reads if n >= BULK]
+    # The first bulk read tells the relay it is moving bulk data; from then on a read that
+    # finds enough data queued takes exactly a whole number of segments, never more.
+    assert aligned in bulk[1:], (mss, bulk[:10])
+    assert max(bulk[1:]) == aligned, (mss, bulk[:10])
+    relay.close("normal")
+    for s in (client_app, backend_app):
+        s.close()

@@ -10,9 +10,15 @@ How it moves bytes. The relay is callback-driven (``loop.add_reader``/``add_writ
 pair of tasks, so an idle connection costs two small objects and no coroutine frames. A
 direction starts in *copy* mode: ``recv_into`` a scratch buffer shared by every connection
 (the loop is single-threaded), then ``send``; only bytes the destination would not take are
-kept per connection. When a read fills the scratch buffer the direction is moving bulk data and
-switches to ``splice(2)`` through its own pipe, so payload stays in the kernel. Back-pressure:
-while a destination has unsent bytes, its source is not read.
+kept per connection. When a read returns at least :data:`BULK` bytes the direction is moving
+bulk data. By default it keeps copying, but reads a whole number of the destination's TCP
+segments (``TCP_MAXSEG``) at a time: sockets carry ``TCP_NODELAY``, so a send that is not a
+multiple of the segment size ends in a short segment of its own (64 KiB on loopback, where a
+segment is 65,483 bytes, is one full segment and a 53-byte one, doubling the packets both
+peers handle). With ``splice=True`` (``serve --splice``) it switches instead to ``splice(2)``
+through its own pipe, so payload stays in the kernel: less CPU for the gateway, but measured
+slower end to end with peers on the same host (bench/README.md, "Copy or splice").
+Back-pressure: while a destination has unsent bytes, its source is not read.
 
 Half-close: EOF from one side is passed on with ``shutdown(SHUT_WR)`` once everything read
 from that side has been written; the other direction keeps flowing. The relay ends when both
@@ -35,7 +41,10 @@ DOWN: Final = 1
 """Backend → client."""
 SIDE_NAMES: Final = ("client", "backend")
 
-SCRATCH_SIZE: Final = 65536
+SCRATCH_SIZE: Final = 1 << 18
+"""The shared copy buffer; a copy-mode read takes at most this much."""
+BULK: Final = 65536
+"""A read of at least this many bytes means the direction is moving bulk data."""
 PIPE_SIZE: Final = 1 << 20
 _HAS_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _HAS_SPLICE else 0
@@ -84,11 +93,24 @@ class Relay(Protocol):
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None: ...
 
 
+def segment_aligned(sock: socket.socket, size: int = SCRATCH_SIZE) -> int:
+    """The largest whole number of ``sock``'s TCP segments that fits in ``size`` bytes (``size``
+    itself when the segment size is unknown or larger)."""
+    try:
+        mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    except OSError:
+        return size
+    if mss <= 0 or mss >= size:
+        return size
+    return size - size % mss
+
+
 class _Pump:
     """One direction of the relay."""
 
     __slots__ = (
         "backlog",
+        "chunk",
         "dst",
         "dst_fd",
         "ended",
@@ -112,6 +134,8 @@ class _Pump:
         self.src_fd = src.fileno()
         self.dst_fd = dst.fileno()
         self.backlog: memoryview | None = None
+        self.chunk = SCRATCH_SIZE
+        """Copy-mode read size; a whole number of the destination's segments once bulk."""
         self.in_pipe = 0
         self.pipe_r = -1
         self.pipe_w = -1
@@ -124,7 +148,7 @@ class _Pump:
 
     def on_readable(self) -> None:
         relay = self.relay
-        want = SCRATCH_SIZE if self.pipe_w < 0 else PIPE_SIZE
+        want = self.chunk if self.pipe_w < 0 else PIPE_SIZE
         if relay.budget is not None:
             if relay.budget <= 0:
                 relay.close("limit", "gateway", "max_bytes_per_conn reached")
@@ -171,8 +195,13 @@ class _Pump:
         if sent < n:
             self.backlog = memoryview(bytes(_scratch_view[sent:n]))
             self._wait_writable()
-        elif n == SCRATCH_SIZE and _HAS_SPLICE and relay.splice_ok and relay.watch is None:
-            self._start_splice()
+        if n >= BULK:
+            if _HAS_SPLICE and relay.splice_ok and relay.watch is None:
+                self._start_splice()
+            else:
+                # Asked again on every bulk read: one cheap call per >= 64 KiB copied, and the
+                # segment size can grow (on loopback it starts at half the peer's window).
+                self.chunk = segment_aligned(self.dst)
 
     def on_writable(self) -> None:
         self._flush()
@@ -286,7 +315,7 @@ class SocketRelay:
         on_bytes: Callable[[int, int], None],
         *,
         budget: int | None = None,
-        splice: bool = True,
+        splice: bool = False,
         watch: Watch | None = None,
     ) -> None:
         self.loop = loop

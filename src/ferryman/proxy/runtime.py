@@ -48,7 +48,8 @@ class Runtime:
     tracker: LimitTracker = field(default_factory=LimitTracker)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     draining: bool = False
-    splice: bool = True
+    splice: bool = False
+    """Bulk plaintext relays use splice(2) (``serve --splice``) instead of copying."""
     tailscale: LocalAPIClient | None = None
     """The LocalAPI client of the current configuration (dialling via tailscaled)."""
     tls: dict[str, ListenerTLS] = field(default_factory=dict)
