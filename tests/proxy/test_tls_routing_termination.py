@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import ssl
 from pathlib import Path
 
@@ -272,3 +273,54 @@ async def test_target_ip_is_dialled_and_host_is_verified(
     assert closes["unknown-ca"]["reason"] == "backend_error"
     assert "certificate verify failed" in closes["unknown-ca"]["detail"]
     assert closes["insecure"]["reason"] == "normal"
+
+
+def _resuming_client(port: int, context: ssl.SSLContext, sni: str) -> list[tuple[bool, bool]]:
+    """Two connections, the second offering the first one's session; (got a ticket, resumed)
+    for each. Each sends a line and reads its echo, which also takes in any ticket."""
+    session: ssl.SSLSession | None = None
+    seen: list[tuple[bool, bool]] = []
+    for _ in range(2):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=sni, session=session) as tls,
+        ):
+            tls.sendall(b"ping\n")
+            assert tls.recv(5) == b"ping\n"
+            assert tls.session is not None
+            seen.append((tls.session.has_ticket, tls.session_reused))
+            session = tls.session
+    return seen
+
+
+@pytest.mark.parametrize("session_tickets", [None, True])
+async def test_session_tickets_are_off_by_default_with_client_certificates(
+    files: GatewayFiles, gateway_ca: Authority, session_tickets: bool | None
+) -> None:
+    options = {} if session_tickets is None else {"session_tickets": session_tickets}
+    async with EchoServer() as echo:
+        port, client_ca = mtls_setup(files, gateway_ca, echo.address, client_auth="need", **options)
+        plain_port = files.add_listener(
+            "plain-tls",
+            echo.address,
+            tls="enabled",
+            **write_pair(gateway_ca.issue(dns=("db.test",)), files.dir, "p"),
+        )
+        files.grants.append(grant({"plain-tls": {}}))
+        async with running_gateway(files):
+            cert = client_ca.issue(cn="alice", emails=(ALICE,))
+            context = client_context(gateway_ca, cert=cert, directory=files.dir)
+            mtls = await asyncio.to_thread(_resuming_client, port, context, "db.test")
+            plain = await asyncio.to_thread(
+                _resuming_client, plain_port, client_context(gateway_ca), "db.test"
+            )
+            await wait_for(lambda: len(files.closes()) == 4)
+    # Without client certificates tickets stay on, so clients resume.
+    assert plain == [(True, False), (True, True)]
+    if session_tickets:
+        # Asked for: the client resumes, and the resumed session still names its certificate.
+        assert mtls == [(True, False), (True, True)]
+    else:
+        assert mtls == [(False, False), (False, False)]
+    closes = [c for c in files.closes() if c["listener"] == "mtls"]
+    assert [(c["user"], c["identity_source"]) for c in closes] == [(ALICE, "mtls")] * 2

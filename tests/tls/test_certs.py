@@ -138,6 +138,8 @@ def test_server_context_settings(ca: Authority, tmp_path: Path) -> None:
     assert context.verify_mode == ssl.CERT_OPTIONAL
     assert context.sni_callback is not None
     assert context.num_tickets == 1  # see tls.certs._base_context
+    no_tickets = make_set(ca).server_context(client_auth="need", ca_file=ca_file, session_tickets=False)
+    assert no_tickets.num_tickets == 0
     # Only the configured CA is trusted: the system store is not loaded.
     assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "ferryman test CA"),),)]
 

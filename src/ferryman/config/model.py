@@ -263,6 +263,10 @@ class ListenerConfig(_Model):
     """Ask for a client certificate (``want``) or require one (``need``), verified against
     ``client_ca_file`` or ``[identity.mtls] ca_file``; a verified one can be the mtls identity."""
     client_ca_file: str | None = None
+    session_tickets: bool | None = None
+    """TLS 1.3 session tickets (one per full handshake) so clients can resume. Default: on
+    when ``client_auth = "none"``, off when client certificates are requested (see
+    :attr:`issues_session_tickets`)."""
     backend_tls: Literal["off", "require", "verify-full"] = "off"
     """PostgreSQL listeners: TLS to the backend via SSLRequest; verify-full checks CA and name."""
     backend_ca_file: str | None = None
@@ -283,6 +287,17 @@ class ListenerConfig(_Model):
         if not host:
             raise ValueError(f"backend needs a host: {value!r}")
         return value
+
+    @property
+    def issues_session_tickets(self) -> bool:
+        """Whether TLS 1.3 clients get a session ticket. Off by default with client
+        certificates: each ticket carries the client certificate, which OpenSSL 3.0 decodes
+        again to issue it (~0.15 ms of CPU per handshake, measured), a resumed session skips
+        the chain check, and the usual clients of a database gateway (libpq, Go's and
+        Python's defaults) never resume anyway."""
+        if self.session_tickets is not None:
+            return self.session_tickets
+        return self.client_auth == "none"
 
     @property
     def has_certificates(self) -> bool:

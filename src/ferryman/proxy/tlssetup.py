@@ -86,5 +86,10 @@ async def build_listener_tls(
     # Offer what the rules route on, so the negotiated protocol can pick the rule.
     offered = list(dict.fromkeys(p for rule in item.rules for p in rule.alpn))
     alpn = ["postgresql"] if item.mode == "postgres" else (offered or None)
-    context = certs.server_context(client_auth=item.client_auth, ca_file=ca_file, alpn_protocols=alpn)
+    context = certs.server_context(
+        client_auth=item.client_auth,
+        ca_file=ca_file,
+        alpn_protocols=alpn,
+        session_tickets=item.issues_session_tickets,
+    )
     return ListenerTLS(certs, context, store)
