@@ -59,10 +59,12 @@ GB = 1e9
 
 METRICS = ("throughput", "redis", "connrate", "memory")
 DEFAULT_PATHS = ("direct", "ferryman", "ferryman-splice", "haproxy", "haproxy-buf64k")
-OPTIONAL_PATHS = ("haproxy-splice",)
+OPTIONAL_PATHS = ("haproxy-splice", "python-floor")
 HAPROXY_BASELINES = ("haproxy", "haproxy-buf64k")
 """The HAProxy variants whose better value (per row) is the comparison baseline."""
 FERRYMAN_PATHS = ("ferryman", "ferryman-splice")
+RATED_PATHS = (*FERRYMAN_PATHS, "python-floor")
+"""Paths with ratio and target columns: ferryman's, and the Python floor for reference."""
 
 IPERF_RUNS = ((1, False), (8, False), (1, True), (8, True))
 """(parallel streams, reverse)."""
@@ -336,7 +338,10 @@ def proxy_for(ctx: Ctx, path: str, backend_port: int, metric: str) -> Iterator[P
         return
     name = ctx.next_name(f"{path}-{metric}")
     port = free_port()
-    if path.startswith("ferryman"):
+    if path == "python-floor":
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", "floor", "--port", str(port)]
+        cmd += ["--backend", str(backend_port)]
+    elif path.startswith("ferryman"):
         cfg = ctx.tmp / f"{name}.toml"
         cfg.write_text(
             FERRYMAN_TOML.format(
@@ -831,7 +836,7 @@ def evaluate(results: Results) -> dict[str, dict[str, Any]]:
         hap, hap_path = haproxy_best(row, values)
         direct = values.get("direct")
         entry: dict[str, Any] = {"haproxy_best": hap, "haproxy_best_path": hap_path}
-        for fm in FERRYMAN_PATHS:
+        for fm in RATED_PATHS:
             v = values.get(fm)
             if v is None:
                 continue
@@ -876,8 +881,8 @@ def render(results: Results, evaluation: dict[str, dict[str, Any]], paths: list[
     lines += _grid(head, body, "Absolute numbers (n/a: not applicable or not measured)")
     lines.append("")
 
-    fms = [p for p in FERRYMAN_PATHS if p in paths]
-    short = {"ferryman": "fm", "ferryman-splice": "fm-splice"}
+    fms = [p for p in RATED_PATHS if p in paths]
+    short = {"ferryman": "fm", "ferryman-splice": "fm-splice", "python-floor": "floor"}
     head = ["metric", "haproxy best", *(f"{short[f]}/hap" for f in fms), *(f"{short[f]}/direct" for f in fms)]
     head += ["target", *(f"{short[f]}" for f in fms)]
     body = []
@@ -986,6 +991,124 @@ async def _echo_main(port: int) -> None:
     server.close()
 
 
+class _FloorPump:
+    """One direction of the floor proxy: recv, send, park the rest and stop reading until the
+    destination drains, pass EOF on as a half-close."""
+
+    __slots__ = ("dst", "eof", "loop", "other", "pending", "src")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
+        self.loop, self.src, self.dst = loop, src, dst
+        self.pending = b""
+        self.eof = False
+        self.other: _FloorPump | None = None
+
+    def readable(self) -> None:
+        try:
+            data = self.src.recv(FLOOR_BUFFER)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.eof = True
+            self.loop.remove_reader(self.src.fileno())
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            if self.other is not None and self.other.eof:
+                self.close()
+            return
+        try:
+            sent = self.dst.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(data):
+            self.pending = data[sent:]
+            self.loop.remove_reader(self.src.fileno())
+            self.loop.add_writer(self.dst.fileno(), self.writable)
+
+    def writable(self) -> None:
+        try:
+            sent = self.dst.send(self.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.pending = self.pending[sent:]
+        if not self.pending:
+            self.loop.remove_writer(self.dst.fileno())
+            self.loop.add_reader(self.src.fileno(), self.readable)
+
+    def close(self) -> None:
+        for pump in (self, self.other):
+            if pump is None or pump.src.fileno() < 0:
+                continue
+            self.loop.remove_reader(pump.src.fileno())
+            self.loop.remove_writer(pump.dst.fileno())
+        for sock in (self.src, self.dst):
+            sock.close()
+
+
+FLOOR_BUFFER = 262144
+
+
+async def _floor_main(port: int, backend: int) -> None:
+    """The ``python-floor`` path: the least a Python proxy on uvloop can do per connection and
+    per message -- accept, connect, relay with back-pressure and half-close, close -- with no
+    identity, policy, limits, audit, timers or tasks. Not a product: a measuring stick for
+    what CPython itself costs, next to ferryman and HAProxy in the same run."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server((HOST, port), backlog=4096)
+    listener.setblocking(False)
+    target = (HOST, backend)
+
+    def start(client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = upstream.connect_ex(target)
+        if err not in (0, errno.EINPROGRESS):
+            client.close()
+            upstream.close()
+            return
+
+        def connected() -> None:
+            loop.remove_writer(upstream.fileno())
+            if upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                client.close()
+                upstream.close()
+                return
+            up, down = _FloorPump(loop, client, upstream), _FloorPump(loop, upstream, client)
+            up.other, down.other = down, up
+            loop.add_reader(client.fileno(), up.readable)
+            loop.add_reader(upstream.fileno(), down.readable)
+
+        loop.add_writer(upstream.fileno(), connected)
+
+    def accept() -> None:
+        for _ in range(64):
+            try:
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            start(client)
+
+    loop.add_reader(listener.fileno(), accept)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    listener.close()
+
+
 async def _connrate_main(
     port: int, concurrency: int, seconds: float, warmup: float, size: int
 ) -> dict[str, Any]:
@@ -1077,7 +1200,8 @@ async def _connrate_main(
 
 def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tcp.py _worker")
-    parser.add_argument("kind", choices=["echo", "connrate"])
+    parser.add_argument("kind", choices=["echo", "connrate", "floor"])
+    parser.add_argument("--backend", type=int, help="floor: the port to relay to")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -1087,6 +1211,9 @@ def worker_main(argv: list[str]) -> int:
     raise_nofile(None)
     if args.kind == "echo":
         run_async(_echo_main(args.port))
+        return 0
+    if args.kind == "floor":
+        run_async(_floor_main(args.port, args.backend))
         return 0
     result = run_async(_connrate_main(args.port, args.concurrency, args.seconds, args.warmup, args.size))
     print(json.dumps(result))
