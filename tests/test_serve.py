@@ -53,7 +53,9 @@ class Served:
 async def serve(tmp_path: Path) -> AsyncIterator:
     procs: list[Served] = []
 
-    async def start(files: GatewayFiles, env: dict[str, str] | None = None) -> Served:
+    async def start(
+        files: GatewayFiles, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Served:
         files.write()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -62,6 +64,7 @@ async def serve(tmp_path: Path) -> AsyncIterator:
             "serve",
             "-c",
             str(files.config_path),
+            *args,
             stderr=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
@@ -231,3 +234,33 @@ async def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
         _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"bad.toml:2: listeners[0].name" in err
+
+
+def _pipes(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="needs splice(2)")
+@pytest.mark.parametrize("args", [(), ("--no-splice",), ("--splice",)])
+async def test_bulk_data_is_copied_unless_splice_is_asked_for(
+    tmp_path: Path, serve, args: tuple[str, ...]
+) -> None:
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener("bulk", echo.address)
+        files.grants.append(grant({"bulk": {}}))
+        served = await serve(files, args=args)
+        before = _pipes(served.proc.pid)
+        reader, writer = await connect(port)
+        payload = os.urandom(4 * 1024 * 1024)
+        writer.write(payload)
+        async with asyncio.timeout(10):
+            assert await reader.readexactly(len(payload)) == payload
+        # Still connected: a spliced direction keeps its pipe until the connection ends.
+        during = _pipes(served.proc.pid) - before
+        writer.close()
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+    # A pipe is two descriptors; each direction that moved bulk data has one.
+    assert during >= 2 if args == ("--splice",) else during == 0

@@ -335,6 +335,39 @@ async def test_revalidation_applies_changed_limits(files: GatewayFiles) -> None:
     assert files.closes()[-1]["limit"] == "max_conn_duration"
 
 
+async def test_revalidation_adds_a_bandwidth_window_to_a_live_connection(files: GatewayFiles) -> None:
+    """A connection admitted without a bandwidth window gets one when the grant changes; the
+    bytes it moves from then on are charged (the relay only reports bytes while a window
+    applies)."""
+    files.revalidation = "200ms"
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))
+        async with running_gateway(files) as gateway:
+            reader, writer = await connect(port)
+            writer.write(b"z" * 100_000)  # no window yet: nothing is charged
+            await reader.readexactly(100_000)
+            window = {"bandwidth": [{"bytes": "64KiB", "period": "1h"}]}
+            files.grants[:] = [grant({"echo": {}}, limits=window)]
+            files.write_policy()
+            await wait_for(lambda: _windowed(gateway), timeout=5)
+            writer.write(b"z" * 20_000)
+            await reader.readexactly(20_000)  # 40,000 of 65,536 charged
+            writer.write(b"z" * 20_000)
+            await read_until_closed(reader)
+            writer.close()
+            await wait_for(files.closes)
+    (close,) = files.closes()
+    assert (close["reason"], close["limit"]) == ("limit", "bandwidth")
+    assert close["bytes_up"] >= 120_000
+
+
+def _windowed(gateway: Gateway) -> bool:
+    """Every live session's re-checked grant has a bandwidth window."""
+    sessions = list(gateway.runtime.sessions)
+    return bool(sessions) and all(s.auth.connection_limits.bandwidth for s in sessions)
+
+
 async def test_invalid_policy_change_keeps_old_grants(
     files: GatewayFiles, caplog: pytest.LogCaptureFixture
 ) -> None:

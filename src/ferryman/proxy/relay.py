@@ -80,6 +80,9 @@ class Watch(Protocol):
     def backend_data(self, data: memoryview) -> None: ...
 
 
+OnBytes = Callable[[int, int], None]
+
+
 class Relay(Protocol):
     """What a session needs from a relay (``SocketRelay`` or ``streams.TransportRelay``)."""
 
@@ -89,6 +92,9 @@ class Relay(Protocol):
     last_activity: float
     closed: bool
     done: asyncio.Future[CloseInfo]
+    on_bytes: OnBytes | None
+    """Called with (direction, n) for every chunk moved; None when nobody needs it (the
+    session sets it only while a bandwidth window applies: one call less per message)."""
 
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None: ...
 
@@ -167,9 +173,15 @@ class _Pump:
         if n == 0:
             self._on_eof()
             return
-        relay.transferred(self.index, n)
-        if relay.closed:
-            return
+        # Inlined accounting (this runs for every message): counts, budget, activity clock.
+        relay.bytes[self.index] += n
+        if relay.budget is not None:
+            relay.budget -= n
+        relay.last_activity = relay.loop.time()
+        if relay.on_bytes is not None:
+            relay.on_bytes(self.index, n)
+            if relay.closed:
+                return
         if self.pipe_w >= 0:
             self.in_pipe += n
             self._flush()
@@ -302,9 +314,9 @@ class _Pump:
 class SocketRelay:
     """Relays between ``client`` and ``backend`` until both sides finish or it is closed.
 
-    ``on_bytes(direction, n)`` is called for every chunk moved (``UP`` or ``DOWN``); it may call
-    :meth:`close`. ``done`` resolves with a :class:`CloseInfo`. The relay owns both sockets
-    from :meth:`start` on and closes them.
+    ``on_bytes(direction, n)``, unless None, is called for every chunk moved (``UP`` or
+    ``DOWN``); it may call :meth:`close`. ``done`` resolves with a :class:`CloseInfo`. The
+    relay owns both sockets from :meth:`start` on and closes them.
     """
 
     def __init__(
@@ -312,7 +324,7 @@ class SocketRelay:
         loop: asyncio.AbstractEventLoop,
         client: socket.socket,
         backend: socket.socket,
-        on_bytes: Callable[[int, int], None],
+        on_bytes: OnBytes | None,
         *,
         budget: int | None = None,
         splice: bool = False,
@@ -321,7 +333,7 @@ class SocketRelay:
         self.loop = loop
         self.client = client
         self.backend = backend
-        self.on_bytes = on_bytes
+        self.on_bytes: OnBytes | None = on_bytes
         self.budget = budget
         """Bytes (both directions together) still allowed, or ``None`` for no limit."""
         self.splice_ok = splice
@@ -348,13 +360,6 @@ class SocketRelay:
         self._pumps[UP].start(initial_up)
         if not self.closed:
             self._pumps[DOWN].start(initial_down)
-
-    def transferred(self, direction: int, n: int) -> None:
-        self.bytes[direction] += n
-        if self.budget is not None:
-            self.budget -= n
-        self.last_activity = self.loop.time()
-        self.on_bytes(direction, n)
 
     def other_ended(self, direction: int) -> bool:
         return self._pumps[1 - direction].ended

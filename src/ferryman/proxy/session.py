@@ -139,6 +139,7 @@ class Session:
         self._limits = limits
         if limits.bandwidth:
             self.tracker.watch(self.identity.user, limits.bandwidth)
+        relay.on_bytes = self.on_bytes if limits.bandwidth else None
         used = relay.bytes[UP] + relay.bytes[DOWN]
         relay.budget = None if limits.max_bytes_per_conn is None else max(0, limits.max_bytes_per_conn - used)
         if self._duration_timer is not None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from ferryman.proxy.session import Session
 
-from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo, Relay, SocketRelay, Watch
+from ferryman.proxy.relay import DOWN, SIDE_NAMES, UP, CloseInfo, OnBytes, Relay, SocketRelay, Watch
 
 MAX_SETUP_BUFFER = 1 << 20
 
@@ -241,13 +240,13 @@ class TransportRelay:
         loop: asyncio.AbstractEventLoop,
         client: Conn,
         backend: Conn,
-        on_bytes: Callable[[int, int], None],
+        on_bytes: OnBytes | None,
         *,
         budget: int | None = None,
     ) -> None:
         self.loop = loop
         self.conns = (client, backend)
-        self.on_bytes = on_bytes
+        self.on_bytes: OnBytes | None = on_bytes
         self.budget = budget
         self.bytes = [0, 0]
         self.last_activity = loop.time()
@@ -294,7 +293,8 @@ class TransportRelay:
         if self.budget is not None:
             self.budget -= n
         self.last_activity = self.loop.time()
-        self.on_bytes(side, n)
+        if self.on_bytes is not None:
+            self.on_bytes(side, n)
 
     def eof(self, side: int) -> None:
         if self.closed or self._ended[side]:
