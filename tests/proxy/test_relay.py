@@ -233,3 +233,34 @@ async def test_copy_mode_sends_whole_segments_in_bulk() -> None:
     relay.close("normal")
     for s in (client_app, backend_app):
         s.close()
+
+
+def test_segment_size_of_a_socket_without_one() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert segment_aligned(a) is None
+
+
+async def test_bulk_copy_to_a_unix_socket() -> None:
+    """A backend reached over a unix socket (tailscaled's dial) has no TCP segment size: bulk
+    data is still copied whole, in full-buffer reads."""
+    loop = asyncio.get_running_loop()
+    client_app, client_side = tcp_pair()
+    backend_side, backend_app = socket.socketpair()
+    for s in (backend_side, backend_app):
+        s.setblocking(False)
+    reads: list[int] = []
+    relay = SocketRelay(loop, client_side, backend_side, lambda d, n: reads.append(n))
+    payload = os.urandom(4 * 1024 * 1024)
+    sender = asyncio.ensure_future(loop.sock_sendall(client_app, payload))
+    await asyncio.sleep(0.05)
+    relay.start()
+    got = bytearray()
+    while len(got) < len(payload):
+        got += await loop.sock_recv(backend_app, 1 << 20)
+    await sender
+    assert got == payload
+    assert max(reads) == SCRATCH_SIZE
+    relay.close("normal")
+    for s in (client_app, backend_app):
+        s.close()

@@ -99,13 +99,14 @@ class Relay(Protocol):
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None: ...
 
 
-def segment_aligned(sock: socket.socket, size: int = SCRATCH_SIZE) -> int:
+def segment_aligned(sock: socket.socket, size: int = SCRATCH_SIZE) -> int | None:
     """The largest whole number of ``sock``'s TCP segments that fits in ``size`` bytes (``size``
-    itself when the segment size is unknown or larger)."""
+    itself when a segment is larger); None when ``sock`` has no TCP segment size (a unix socket
+    to tailscaled, say)."""
     try:
         mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     except OSError:
-        return size
+        return None
     if mss <= 0 or mss >= size:
         return size
     return size - size % mss
@@ -141,7 +142,8 @@ class _Pump:
         self.dst_fd = dst.fileno()
         self.backlog: memoryview | None = None
         self.chunk = SCRATCH_SIZE
-        """Copy-mode read size; a whole number of the destination's segments once bulk."""
+        """Copy-mode read size: a whole number of the destination's segments once bulk; 0 for
+        a destination without TCP segments (read :data:`SCRATCH_SIZE`, stop asking)."""
         self.in_pipe = 0
         self.pipe_r = -1
         self.pipe_w = -1
@@ -154,7 +156,7 @@ class _Pump:
 
     def on_readable(self) -> None:
         relay = self.relay
-        want = self.chunk if self.pipe_w < 0 else PIPE_SIZE
+        want = (self.chunk or SCRATCH_SIZE) if self.pipe_w < 0 else PIPE_SIZE
         if relay.budget is not None:
             if relay.budget <= 0:
                 relay.close("limit", "gateway", "max_bytes_per_conn reached")
@@ -210,10 +212,11 @@ class _Pump:
         if n >= BULK:
             if _HAS_SPLICE and relay.splice_ok and relay.watch is None:
                 self._start_splice()
-            else:
+            elif self.chunk:
                 # Asked again on every bulk read: one cheap call per >= 64 KiB copied, and the
                 # segment size can grow (on loopback it starts at half the peer's window).
-                self.chunk = segment_aligned(self.dst)
+                # A destination without one keeps whole-buffer reads (chunk 0 means: stop asking).
+                self.chunk = segment_aligned(self.dst) or 0
 
     def on_writable(self) -> None:
         self._flush()
