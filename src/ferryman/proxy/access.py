@@ -35,6 +35,11 @@ class AccessGeneration:
 
 
 _CAPS_MEMO_SIZE = 1024
+_AUTH_MEMO_SIZE = 4096
+
+_AuthKey = tuple[str, tuple[str, ...], tuple[str, ...], str, str]
+"""(user, groups, tags, client address, listener): everything a decision reads from an
+identity without carried grants (see :func:`ferryman.policy.engine.selector_matches`)."""
 
 
 class Access:
@@ -44,6 +49,12 @@ class Access:
         """id(grants) → (grants, source, parsed, problems). A Tailscale source hands out the same
         grants tuple for every connection of a peer whose WhoIs answer did not change; parsing it
         again would give equal values."""
+        self._auth_memo: dict[_AuthKey, Authorization | tuple[str, str]] = {}
+        """Decisions of the current generation (an Authorization, or the denial's reason and
+        client message) for identities that carry no grants. The engine is a pure function of
+        the key and the policy, so a repeat caller gets the same answer without re-walking
+        every rule."""
+        self._auth_memo_generation: AccessGeneration | None = None
 
     async def identify(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity:
         """First identity any named source vouches for. Raises :class:`AccessDenied`."""
@@ -84,9 +95,28 @@ class Access:
 
     def authorize(self, identity: Identity, peer: PeerInfo, listener: str) -> Authorization:
         """Raises :class:`AccessDenied` when no grant names ``listener``."""
-        return authorize(
-            identity, peer.remote_ip, listener, self.generation.policy, self.carried_caps(identity)
-        )
+        generation = self.generation
+        if identity.grants:  # carried capabilities: decided afresh (their memo is by identity)
+            return authorize(
+                identity, peer.remote_ip, listener, generation.policy, self.carried_caps(identity)
+            )
+        memo = self._auth_memo
+        if self._auth_memo_generation is not generation:
+            memo.clear()  # a reload: nothing decided under the old policy may answer
+            self._auth_memo_generation = generation
+        key = (identity.user, identity.groups, identity.tags, peer.remote_host, listener)
+        decided = memo.get(key)
+        if decided is None:
+            try:
+                decided = authorize(identity, peer.remote_ip, listener, generation.policy)
+            except AccessDenied as exc:
+                decided = (exc.reason, exc.client_message)  # not the exception: no traceback kept
+            if len(memo) >= _AUTH_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            memo[key] = decided
+        if isinstance(decided, tuple):
+            raise AccessDenied(decided[0], client_message=decided[1])
+        return decided
 
     async def admit(
         self, peer: PeerInfo, listener: str, source_names: Sequence[str]
