@@ -108,7 +108,11 @@ def authorize(
     policy: Policy,
     carried: Sequence[CapGrant] = (),
 ) -> Authorization:
-    """Decide whether ``identity`` may use ``listener``. Raises :class:`AccessDenied`."""
+    """Decide whether ``identity`` may use ``listener``. Raises :class:`AccessDenied`.
+
+    Reads only the identity's user, groups and tags, ``peer_ip``, ``policy`` and ``carried``:
+    :meth:`ferryman.proxy.access.Access.authorize` remembers decisions keyed on exactly those,
+    so a criterion added here must be added to that key too."""
     caps = [c for c in applicable_caps(identity, peer_ip, policy, carried) if listener in c.backends]
     if not caps:
         raise AccessDenied(f"no grant for listener {listener!r}", client_message="no grant for this service")
