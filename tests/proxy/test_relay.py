@@ -197,12 +197,32 @@ async def test_close_is_idempotent_and_closes_both_sockets() -> None:
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_MAXSEG"), reason="needs TCP_MAXSEG")
+async def copy_queued_bulk(backend_side: socket.socket, backend_app: socket.socket, size: int) -> list[int]:
+    """Queue ``size`` random bytes from a client, then relay them (copy mode) to ``backend_side``;
+    check they arrive intact at ``backend_app``. Returns the relay's read sizes."""
+    loop = asyncio.get_running_loop()
+    client_app, client_side = tcp_pair()
+    reads: list[int] = []
+    relay = SocketRelay(loop, client_side, backend_side, lambda d, n: reads.append(n), splice=False)
+    payload = os.urandom(size)
+    sender = asyncio.ensure_future(loop.sock_sendall(client_app, payload))
+    await asyncio.sleep(0.05)  # let the client's data queue up so the relay's reads fill up
+    relay.start()
+    got = bytearray()
+    while len(got) < len(payload):
+        got += await loop.sock_recv(backend_app, 1 << 20)
+    await sender
+    assert got == payload
+    relay.close("normal")
+    for s in (client_app, backend_app):
+        s.close()
+    return reads
+
+
 async def test_copy_mode_sends_whole_segments_in_bulk() -> None:
     """Copying bulk data, the relay reads (and so sends) whole multiples of the destination's
     segment size: with TCP_NODELAY any other size ends in a short segment of its own (on
     loopback a 64 KiB send is a 65,483-byte segment and a 53-byte one)."""
-    loop = asyncio.get_running_loop()
-    client_app, client_side = tcp_pair()
     with socket.create_server(("127.0.0.1", 0)) as server:
         backend_side = socket.socket()
         backend_side.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
@@ -213,26 +233,13 @@ async def test_copy_mode_sends_whole_segments_in_bulk() -> None:
     mss = backend_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     assert 0 < mss <= 1000
     assert segment_aligned(backend_side) == SCRATCH_SIZE - SCRATCH_SIZE % mss
-    reads: list[int] = []
-    relay = SocketRelay(loop, client_side, backend_side, lambda d, n: reads.append(n), splice=False)
-    payload = os.urandom(8 * 1024 * 1024)
-    sender = asyncio.ensure_future(loop.sock_sendall(client_app, payload))
-    await asyncio.sleep(0.05)  # let the client's data queue up so the relay's reads fill up
-    relay.start()
-    got = bytearray()
-    while len(got) < len(payload):
-        got += await loop.sock_recv(backend_app, 1 << 20)
-    await sender
-    assert got == payload
+    reads = await copy_queued_bulk(backend_side, backend_app, 8 * 1024 * 1024)
     aligned = SCRATCH_SIZE - SCRATCH_SIZE % mss
     bulk = [n for n in reads if n >= BULK]
     # The first bulk read tells the relay it is moving bulk data; from then on a read that
     # finds enough data queued takes exactly a whole number of segments, never more.
     assert aligned in bulk[1:], (mss, bulk[:10])
     assert max(bulk[1:]) == aligned, (mss, bulk[:10])
-    relay.close("normal")
-    for s in (client_app, backend_app):
-        s.close()
 
 
 def test_segment_size_of_a_socket_without_one() -> None:
@@ -244,23 +251,8 @@ def test_segment_size_of_a_socket_without_one() -> None:
 async def test_bulk_copy_to_a_unix_socket() -> None:
     """A backend reached over a unix socket (tailscaled's dial) has no TCP segment size: bulk
     data is still copied whole, in full-buffer reads."""
-    loop = asyncio.get_running_loop()
-    client_app, client_side = tcp_pair()
     backend_side, backend_app = socket.socketpair()
     for s in (backend_side, backend_app):
         s.setblocking(False)
-    reads: list[int] = []
-    relay = SocketRelay(loop, client_side, backend_side, lambda d, n: reads.append(n))
-    payload = os.urandom(4 * 1024 * 1024)
-    sender = asyncio.ensure_future(loop.sock_sendall(client_app, payload))
-    await asyncio.sleep(0.05)
-    relay.start()
-    got = bytearray()
-    while len(got) < len(payload):
-        got += await loop.sock_recv(backend_app, 1 << 20)
-    await sender
-    assert got == payload
+    reads = await copy_queued_bulk(backend_side, backend_app, 4 * 1024 * 1024)
     assert max(reads) == SCRATCH_SIZE
-    relay.close("normal")
-    for s in (client_app, backend_app):
-        s.close()
