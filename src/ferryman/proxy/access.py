@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ferryman.errors import AccessDenied, IdentityUnavailable
@@ -25,6 +25,11 @@ from ferryman.policy.parse import parse_cap_values
 logger = logging.getLogger(__name__)
 
 
+_AuthKey = tuple[str, tuple[str, ...], tuple[str, ...], str, str]
+"""(user, groups, tags, client address, listener): everything a decision reads from an
+identity without carried grants (see :func:`ferryman.policy.engine.authorize`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AccessGeneration:
     """One consistent set of policy and sources (replaced whole on reload)."""
@@ -32,14 +37,17 @@ class AccessGeneration:
     policy: Policy
     sources: Mapping[str, IdentitySource]
     capability: str
+    decisions: dict[_AuthKey, Authorization | tuple[str, str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """This policy's decisions (an Authorization, or a denial's reason and client message) for
+    identities that carry no grants. The engine is a pure function of the key and the policy,
+    so a repeat caller gets the same answer without re-walking every rule; a reload brings a
+    new generation and with it an empty memo."""
 
 
 _CAPS_MEMO_SIZE = 1024
 _AUTH_MEMO_SIZE = 4096
-
-_AuthKey = tuple[str, tuple[str, ...], tuple[str, ...], str, str]
-"""(user, groups, tags, client address, listener): everything a decision reads from an
-identity without carried grants (see :func:`ferryman.policy.engine.selector_matches`)."""
 
 
 class Access:
@@ -49,12 +57,6 @@ class Access:
         """id(grants) → (grants, source, parsed, problems). A Tailscale source hands out the same
         grants tuple for every connection of a peer whose WhoIs answer did not change; parsing it
         again would give equal values."""
-        self._auth_memo: dict[_AuthKey, Authorization | tuple[str, str]] = {}
-        """Decisions of the current generation (an Authorization, or the denial's reason and
-        client message) for identities that carry no grants. The engine is a pure function of
-        the key and the policy, so a repeat caller gets the same answer without re-walking
-        every rule."""
-        self._auth_memo_generation: AccessGeneration | None = None
 
     async def identify(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity:
         """First identity any named source vouches for. Raises :class:`AccessDenied`."""
@@ -100,10 +102,7 @@ class Access:
             return authorize(
                 identity, peer.remote_ip, listener, generation.policy, self.carried_caps(identity)
             )
-        memo = self._auth_memo
-        if self._auth_memo_generation is not generation:
-            memo.clear()  # a reload: nothing decided under the old policy may answer
-            self._auth_memo_generation = generation
+        memo = generation.decisions
         key = (identity.user, identity.groups, identity.tags, peer.remote_host, listener)
         decided = memo.get(key)
         if decided is None:

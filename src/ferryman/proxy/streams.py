@@ -365,12 +365,13 @@ async def relay_until_closed(
     over a transport uses :class:`TransportRelay` (``watch`` unused). Returns the ended relay."""
     loop = asyncio.get_running_loop()
     relay: Relay
+    # No byte callback yet: session.attach installs one while a bandwidth window applies.
     if client_conn is None and backend_conn is None:
-        relay = SocketRelay(loop, client_sock, backend_sock, session.on_bytes, splice=splice, watch=watch)
+        relay = SocketRelay(loop, client_sock, backend_sock, None, splice=splice, watch=watch)
     else:
         client_side = client_conn or await wrap_plain(client_sock, server_side=True)
         backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
-        relay = TransportRelay(loop, client_side, backend_side, session.on_bytes)
+        relay = TransportRelay(loop, client_side, backend_side, None)
     session.attach(relay)
     relay.start(initial_up=initial_up, initial_down=initial_down)
     try:

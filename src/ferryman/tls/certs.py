@@ -197,7 +197,7 @@ class _Options:
     verify_mode: ssl.VerifyMode
     ca_pem: str | None
     alpn: tuple[str, ...]
-    session_tickets: bool = True
+    session_tickets: bool
 
 
 class _Server:
