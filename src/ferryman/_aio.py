@@ -17,9 +17,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def spawn(coro: Coroutine[Any, Any, T], *, name: str, owner: set[asyncio.Task[Any]]) -> asyncio.Task[T]:
-    """Start ``coro`` as a named task that ``owner`` keeps alive until it finishes."""
-    task = asyncio.create_task(coro, name=name)  # noqa: TID251 - the one sanctioned call
+def spawn(
+    coro: Coroutine[Any, Any, T],
+    *,
+    name: str,
+    owner: set[asyncio.Task[Any]],
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> asyncio.Task[T]:
+    """Start ``coro`` as a named task that ``owner`` keeps alive until it finishes.
+
+    ``loop``, when the caller holds the running loop already, saves looking it up (on
+    Python 3.11 every lookup is a ``getpid`` system call; the accept path starts a task per
+    connection)."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    task = loop.create_task(coro, name=name)
     owner.add(task)
     task.add_done_callback(owner.discard)
     return task

@@ -10,10 +10,11 @@ secrets: callers pass only identity names, addresses, counters and reasons.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from typing import IO, Any
+
+import orjson
 
 
 class AuditLog:
@@ -21,17 +22,17 @@ class AuditLog:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._owned = False
         self._flush_pending = False
         self._open()
 
     def _open(self) -> None:
         if self.target == "-":
-            self._file = sys.stdout
+            self._file = sys.stdout.buffer
             self._owned = False
         else:
-            self._file = open(self.target, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+            self._file = open(self.target, "ab", buffering=1 << 16)  # noqa: SIM115
             self._owned = True
 
     def write(self, event: str, **fields: Any) -> None:
@@ -39,7 +40,7 @@ class AuditLog:
         if self._file is None:
             return
         record = {"ts": _now(), "event": event, **fields}
-        self._file.write(_encode(record) + "\n")
+        self._file.write(_encode(record))
         if not self._flush_pending:
             self._flush_pending = True
             try:
@@ -68,7 +69,11 @@ class AuditLog:
         self._file = None
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+def _encode(record: dict[str, Any]) -> bytes:
+    """One JSON line (UTF-8). Values JSON has no type for are written as their ``str``."""
+    return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+
+
 _second: list[Any] = [-1, ""]
 
 

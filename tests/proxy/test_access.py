@@ -1,11 +1,15 @@
-"""Access.authorize: repeated decisions are remembered per policy generation, never across one."""
+"""Access: identification with and without waiting; repeated decisions are remembered per policy
+generation, never across one."""
 
+import ipaddress
+import time
 from typing import Any
 
 import pytest
 
-from ferryman.errors import AccessDenied
-from ferryman.identity.base import Identity, PeerInfo
+from ferryman.errors import AccessDenied, IdentityUnavailable
+from ferryman.identity.base import Identity, IdentitySource, PeerInfo
+from ferryman.identity.static import StaticEntry, StaticSource
 from ferryman.policy.engine import authorize
 from ferryman.policy.parse import parse_policy
 from ferryman.proxy.access import Access, AccessGeneration
@@ -14,9 +18,9 @@ CAP = "ferryman.dev/cap/ferryman"
 ALICE = Identity(user="alice@example.com", source="static", groups=("dba",))
 
 
-def generation(*grants: dict[str, Any]) -> AccessGeneration:
+def generation(*grants: dict[str, Any], sources: dict[str, IdentitySource] | None = None) -> AccessGeneration:
     policy = parse_policy({"grants": list(grants)}, capability=CAP)
-    return AccessGeneration(policy, {}, CAP)
+    return AccessGeneration(policy, sources or {}, CAP)
 
 
 def grant(src: list[str], backends: dict[str, Any]) -> dict[str, Any]:
@@ -85,3 +89,59 @@ def test_carried_grants_are_decided_afresh() -> None:
         grants=({"backends": {"db": {"limits": {"max_conns": 5}}}},),
     )
     assert access.authorize(other, peer(), "db").connection_limits.max_conns == 5
+
+
+class AwaitedSource:
+    """A source that can only answer asynchronously (as tailscale's WhoIs does): no ``lookup``."""
+
+    name = "awaited"
+
+    def __init__(self, identity: Identity | None) -> None:
+        self.identity = identity
+        self.asked = 0
+
+    async def identify(self, peer: PeerInfo) -> Identity | None:
+        self.asked += 1
+        return self.identity
+
+    async def aclose(self) -> None:
+        return None
+
+
+def static(cidr: str, identity: Identity) -> StaticSource:
+    return StaticSource([StaticEntry(ipaddress.ip_network(cidr), identity)])
+
+
+async def test_identify_now_answers_what_identify_answers_when_no_source_waits() -> None:
+    bob = Identity(user="bob@example.com", source="static")
+    sources: dict[str, IdentitySource] = {
+        "lan": static("10.0.0.0/8", ALICE),
+        "vpn": static("192.0.2.0/24", bob),
+    }
+    access = Access(generation(sources=sources))
+    for host, expected in (("10.0.0.5", ALICE), ("192.0.2.9", bob)):
+        assert access.identify_now(peer(host), ["lan", "vpn"]) == expected
+        assert await access.identify(peer(host), ["lan", "vpn"]) == expected
+    with pytest.raises(AccessDenied) as now:
+        access.identify_now(peer("198.51.100.1"), ["lan", "vpn"])
+    with pytest.raises(AccessDenied) as awaited:
+        await access.identify(peer("198.51.100.1"), ["lan", "vpn"])
+    assert now.value.reason == awaited.value.reason
+    assert "none of lan, vpn recognised 198.51.100.1:40000" in now.value.reason
+
+
+async def test_identify_now_defers_to_identify_when_a_source_it_must_ask_waits() -> None:
+    waiting = AwaitedSource(Identity(user="carol@example.com", source="awaited"))
+    access = Access(generation(sources={"lan": static("10.0.0.0/8", ALICE), "ts": waiting}))
+    assert access.identify_now(peer("10.0.0.5"), ["lan", "ts"]) == ALICE  # answered before "ts"
+    assert access.identify_now(peer("192.0.2.9"), ["lan", "ts"]) is None  # "ts" would have to wait
+    assert access.identify_now(peer("10.0.0.5"), ["ts", "lan"]) is None
+    assert waiting.asked == 0
+    assert (await access.identify(peer("192.0.2.9"), ["lan", "ts"])).user == "carol@example.com"
+
+
+def test_identify_now_refuses_an_expired_identity() -> None:
+    expired = Identity(user="alice@example.com", source="static", expires_at=time.time() - 1)
+    access = Access(generation(sources={"lan": static("10.0.0.0/8", expired)}))
+    with pytest.raises(IdentityUnavailable, match="lan: identity expired"):
+        access.identify_now(peer("10.0.0.5"), ["lan"])

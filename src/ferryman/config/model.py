@@ -319,6 +319,12 @@ class ListenerConfig(_Model):
         return bool(self.rules) or (self.sni is not None and self.sni.forwards_to is not None)
 
     @property
+    def reads_before_identity(self) -> bool:
+        """Whether a TCP-mode connection is read from before it can be identified (a PROXY
+        header, a TLS ClientHello or handshake, an HTTP request head to route on)."""
+        return self.accept_proxy_protocol or self.tls != "disabled" or self.routes_by_name
+
+    @property
     def terminates_tls(self) -> bool:
         return self.tls == "enabled" or (self.mode == "postgres" and self.tls_mode != "off")
 

@@ -13,6 +13,11 @@ Source contract:
   outside every static CIDR) so the next source in the listener's list is tried;
 - raise :class:`ferryman.errors.IdentityUnavailable` when the source applies but cannot answer
   or refuses (tailscaled down, WhoIs 404, expired token): the connection fails closed.
+
+A source whose answer needs no I/O (static CIDRs, an already verified certificate) may also
+define ``lookup(peer)``: the same answer, synchronously. Connections that only such sources
+identify are then identified without a wait or its timer (see
+:meth:`ferryman.proxy.access.Access.identify_now`).
 """
 
 from __future__ import annotations

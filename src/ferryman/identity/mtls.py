@@ -79,6 +79,10 @@ class MtlsSource:
         self._memo: dict[bytes, _Mapped] = {}
 
     async def identify(self, peer: PeerInfo) -> Identity | None:
+        return self.lookup(peer)
+
+    def lookup(self, peer: PeerInfo) -> Identity | None:
+        """:meth:`identify` without waiting (mapping a verified certificate needs no I/O)."""
         if peer.peer_cert_der is None:
             return None
         return self.identity_from_der(peer.peer_cert_der)

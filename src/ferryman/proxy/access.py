@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,15 +67,25 @@ class Access:
                 continue
             identity = await source.identify(peer)
             if identity is not None:
-                if identity.expires_at is not None and identity.expires_at <= time.time():
-                    raise IdentityUnavailable(
-                        f"{name}: identity expired", client_message="credentials expired"
-                    )
-                return identity
-        raise AccessDenied(
-            f"no identity: none of {', '.join(source_names) or 'no sources'} recognised {peer.remote_addr}",
-            client_message="no identity for this connection",
-        )
+                return _unexpired(name, identity)
+        raise _nobody(peer, source_names)
+
+    def identify_now(self, peer: PeerInfo, source_names: Sequence[str]) -> Identity | None:
+        """:meth:`identify` without waiting, or ``None`` when a source it would have to ask
+        needs I/O (it has no ``lookup``; see :mod:`ferryman.identity.base`): the caller then
+        awaits :meth:`identify`. Same answer, same errors."""
+        sources = self.generation.sources
+        for name in source_names:
+            source = sources.get(name)
+            if source is None:
+                continue
+            lookup: Callable[[PeerInfo], Identity | None] | None = getattr(source, "lookup", None)
+            if lookup is None:
+                return None
+            identity = lookup(peer)
+            if identity is not None:
+                return _unexpired(name, identity)
+        raise _nobody(peer, source_names)
 
     def carried_caps(self, identity: Identity) -> list[CapGrant]:
         """Capability values the identity brought (Tailscale CapMap), parsed; bad ones dropped."""
@@ -122,3 +132,16 @@ class Access:
     ) -> tuple[Identity, Authorization]:
         identity = await self.identify(peer, source_names)
         return identity, self.authorize(identity, peer, listener)
+
+
+def _unexpired(source: str, identity: Identity) -> Identity:
+    if identity.expires_at is not None and identity.expires_at <= time.time():
+        raise IdentityUnavailable(f"{source}: identity expired", client_message="credentials expired")
+    return identity
+
+
+def _nobody(peer: PeerInfo, source_names: Sequence[str]) -> AccessDenied:
+    return AccessDenied(
+        f"no identity: none of {', '.join(source_names) or 'no sources'} recognised {peer.remote_addr}",
+        client_message="no identity for this connection",
+    )

@@ -83,7 +83,12 @@ class Listener:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            spawn(self.handler(conn, addr), name=f"conn {self.name} {addr[0]}:{addr[1]}", owner=self.tasks)
+            spawn(
+                self.handler(conn, addr),
+                name=f"conn {self.name} {addr[0]}:{addr[1]}",
+                owner=self.tasks,
+                loop=self._loop,
+            )
 
     def _pause(self, seconds: float) -> None:
         assert self._loop is not None

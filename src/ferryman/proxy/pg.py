@@ -122,7 +122,7 @@ async def serve_postgres(
     """Handle one accepted connection on a PostgreSQL-mode listener; owns ``sock``."""
     assert listener.postgres is not None
     conn_id = new_connection_id()
-    peer = peer_info(sock, addr, listener.name)
+    peer = peer_info(addr, listener.name)
     client = ClientSide(sock)
     server = pgwire.ServerConnection()
     identity: Identity | None = None

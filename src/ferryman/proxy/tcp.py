@@ -36,21 +36,24 @@ from ferryman.tailscale.socks5 import dial_socks5
 logger = logging.getLogger(__name__)
 
 
-def peer_info(sock: socket.socket, addr: tuple[Any, ...], listener: str) -> PeerInfo:
+def peer_info(addr: tuple[Any, ...], listener: str) -> PeerInfo:
+    """The client as accepted. The local address is left out (a ``getsockname`` per connection):
+    only a PROXY header to the backend needs it, see :func:`with_local_address`."""
+    return PeerInfo(remote_host=_unmapped(str(addr[0])), remote_port=int(addr[1]), listener=listener)
+
+
+def with_local_address(peer: PeerInfo, sock: socket.socket) -> PeerInfo:
+    """``peer`` with the address the client connected to (``sock``'s local address)."""
     try:
         local = sock.getsockname()
     except OSError:
-        local = ("", 0)
-    host = str(addr[0])
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return PeerInfo(
-        remote_host=host,
-        remote_port=int(addr[1]),
-        local_host=str(local[0]),
-        local_port=int(local[1]),
-        listener=listener,
-    )
+        return peer
+    return dataclasses.replace(peer, local_host=_unmapped(str(local[0])), local_port=int(local[1]))
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) as plain IPv4."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 async def dial_backend(
@@ -148,7 +151,7 @@ async def serve_tcp(
 ) -> None:
     """Handle one accepted connection on a TCP-mode listener; owns ``sock``."""
     conn_id = new_connection_id()
-    peer = peer_info(sock, addr, listener.name)
+    peer = peer_info(addr, listener.name)
     identity: Identity | None = None
     client_conn: Conn | None = None
     initial = b""
@@ -158,30 +161,38 @@ async def serve_tcp(
     try:
         if rt.draining:
             raise ShuttingDown("gateway is shutting down")
-        async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
-            if listener.accept_proxy_protocol:
-                header = await read_proxy_header(sock)
-                if header.src_addr is not None and header.src_port is not None:
-                    peer = dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
-            waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
-                listener.tls, "the HTTP request head"
-            )
-            if listener.tls == "passthrough":
-                hello, initial = await sniff_client_hello(sock)
-                route_name, route_alpn = hello.sni, hello.alpn
-                peer = dataclasses.replace(peer, sni=hello.sni, alpn=hello.alpn[0] if hello.alpn else None)
-            elif listener.tls == "enabled":
-                tls = rt.tls[listener.name]
-                client_conn = await accept_tls(sock, tls.context, listener.identity_timeout)
-                info = tls.info(client_conn)
-                route_name, route_alpn = info.sni, (info.alpn,) if info.alpn else ()
-                peer = dataclasses.replace(
-                    peer, sni=info.sni, alpn=info.alpn, peer_cert_der=info.peer_cert_der
-                )
-            elif listener.routes_by_name:
-                route_name, initial = await sniff_http_host(sock)
+        if not listener.reads_before_identity:
+            # Nothing to read first: sources that answer without I/O need no wait and no timer.
             waiting_for = "identity"
-            identity = await rt.access.identify(peer, rt.sources_for(listener))
+            identity = rt.access.identify_now(peer, rt.sources_for(listener))
+        if identity is None:
+            async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
+                if listener.accept_proxy_protocol:
+                    header = await read_proxy_header(sock)
+                    if header.src_addr is not None and header.src_port is not None:
+                        peer = dataclasses.replace(
+                            peer, remote_host=header.src_addr, remote_port=header.src_port
+                        )
+                waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
+                    listener.tls, "the HTTP request head"
+                )
+                if listener.tls == "passthrough":
+                    hello, initial = await sniff_client_hello(sock)
+                    route_name, route_alpn = hello.sni, hello.alpn
+                    alpn = hello.alpn[0] if hello.alpn else None
+                    peer = dataclasses.replace(peer, sni=hello.sni, alpn=alpn)
+                elif listener.tls == "enabled":
+                    tls = rt.tls[listener.name]
+                    client_conn = await accept_tls(sock, tls.context, listener.identity_timeout)
+                    info = tls.info(client_conn)
+                    route_name, route_alpn = info.sni, (info.alpn,) if info.alpn else ()
+                    peer = dataclasses.replace(
+                        peer, sni=info.sni, alpn=info.alpn, peer_cert_der=info.peer_cert_der
+                    )
+                elif listener.routes_by_name:
+                    route_name, initial = await sniff_http_host(sock)
+                waiting_for = "identity"
+                identity = await rt.access.identify(peer, rt.sources_for(listener))
         auth = rt.access.authorize(identity, peer, listener.name)
         router = rt.routers.get(listener.name)
         if router is None:
@@ -201,6 +212,8 @@ async def serve_tcp(
         rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc, waiting_for))
         return
     rt.audit_admitted(conn_id, listener, peer, identity, auth.origins, sni=peer.sni, route=route.rule)
+    if listener.proxy_protocol != "off":
+        peer = with_local_address(peer, sock)
     try:
         backend, backend_conn, first_bytes, target = await connect_route(rt, listener, route, peer)
     except BackendUnavailable as exc:
