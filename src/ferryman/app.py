@@ -14,11 +14,11 @@ Must not: handle connections itself (``proxy.tcp`` and friends do) or parse conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 from ferryman import logs
@@ -448,6 +448,16 @@ class Gateway:
             for sig in handlers:
                 loop.remove_signal_handler(sig)
 
+    async def _drained(self, conn_tasks: set[asyncio.Task[Any]]) -> None:
+        """Return once every connection task has finished and no session is live."""
+        while True:
+            pending = [t for t in conn_tasks if not t.done()]
+            if pending:
+                await asyncio.wait(pending)
+            await self.runtime.sessions.wait_empty()
+            if all(t.done() for t in conn_tasks):
+                return
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, drain up to ``grace`` seconds, then close what is left."""
         self._stop.set()
@@ -459,24 +469,17 @@ class Gateway:
             self.listeners[name].stop_accepting()
         conn_tasks = {t for lis in self.listeners.values() for t in lis.tasks}
         self.listeners.clear()
-        started = time.monotonic()
-        if conn_tasks:
-            logger.info("draining %d connection(s) for up to %gs", len(conn_tasks), grace)
+        # A live connection is a task (set-up; PostgreSQL mode keeps its task to the end) or a
+        # TCP-mode session, whose relay runs without a task once set up.
+        live = sum(1 for t in conn_tasks if not t.done()) + sum(1 for s in rt.sessions if s.mode == "tcp")
+        if live:
+            logger.info("draining %d connection(s) for up to %gs", live, grace)
+            drained = asyncio.ensure_future(self._drained(conn_tasks))
             force_wait = asyncio.ensure_future(self._force.wait())
             try:
-                await asyncio.wait(
-                    [*conn_tasks, force_wait], timeout=grace, return_when=asyncio.FIRST_COMPLETED
-                )
-                while not self._force.is_set() and any(not t.done() for t in conn_tasks):
-                    remaining = grace - (time.monotonic() - started)
-                    if remaining <= 0:
-                        break
-                    await asyncio.wait(
-                        [*(t for t in conn_tasks if not t.done()), force_wait],
-                        timeout=remaining,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
+                await asyncio.wait([drained, force_wait], timeout=grace, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                drained.cancel()
                 force_wait.cancel()
         cut = 0
         for session in rt.sessions:
@@ -484,6 +487,10 @@ class Gateway:
             session.close("shutdown", "gateway shutting down")
         if cut:
             logger.info("closed %d connection(s) at shutdown", cut)
+            # Each session audits its close from its relay's done callback, on the next turn.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await rt.sessions.wait_empty()
         await cancel_and_wait([t for t in conn_tasks if not t.done()])
         await cancel_and_wait(list(self._tasks))
         for name in list(rt.provisioners):

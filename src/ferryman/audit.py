@@ -74,13 +74,18 @@ def _encode(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
 
 
-_second: list[Any] = [-1, ""]
+_second: tuple[int, str] = (-1, "")
+_stamp: tuple[int, str] = (-1, "")
 
 
 def _now() -> str:
-    """UTC timestamp with milliseconds; the per-second prefix is formatted once per second."""
-    t = time.time()
-    whole = int(t)
-    if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int(t * 1000) % 1000:03d}Z"
+    """UTC timestamp with milliseconds. The per-second prefix is formatted once per second and
+    the whole stamp once per millisecond (a busy gateway writes many records in the same one)."""
+    global _second, _stamp
+    ms = int(time.time() * 1000)
+    if ms != _stamp[0]:
+        whole, frac = divmod(ms, 1000)
+        if whole != _second[0]:
+            _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        _stamp = (ms, f"{_second[1]}.{frac:03d}Z")
+    return _stamp[1]

@@ -416,6 +416,37 @@ async def test_shutdown_drains_then_closes_with_reason(files: GatewayFiles) -> N
     assert all(t.done() for t in asyncio.all_tasks() if t.get_name().startswith("conn "))
 
 
+async def test_shutdown_drains_connections_of_a_rebound_listener_and_ends_with_the_last(
+    files: GatewayFiles,
+) -> None:
+    """A relayed connection outlives its listener's task and a reload that moved the listener:
+    the drain still waits for it, and ends when it closes, long before the grace period."""
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))
+        files.write()
+        from ferryman.config.load import load_config
+
+        gateway = Gateway(load_config(files.config_path), config_path=str(files.config_path))
+        await gateway.start()
+        reader, writer = await connect(port)
+        await wait_for(lambda: len(gateway.runtime.sessions) == 1)
+        files.listeners[0]["listen"] = f"127.0.0.1:{free_port()}"  # moved: the listener rebinds
+        files.write()
+        assert await gateway.reload()
+        assert all(not listener.tasks for listener in gateway.listeners.values())
+        stopping = asyncio.ensure_future(gateway.shutdown(grace=60.0))
+        await asyncio.sleep(0.2)
+        assert not stopping.done()  # draining the connection the new listener never accepted
+        writer.write(b"during drain")
+        assert await reader.readexactly(12) == b"during drain"
+        writer.close()
+        async with asyncio.timeout(5):  # not the 60 s grace: the drain ends with the last one
+            await stopping
+    (close,) = files.closes()
+    assert (close["reason"], close["closed_by"], close["bytes_up"]) == ("normal", "client", 12)
+
+
 async def test_audit_to_stdout_is_json_lines(tmp_path: Path) -> None:
     files = GatewayFiles(tmp_path)
     files.add_listener("x", "127.0.0.1:1")

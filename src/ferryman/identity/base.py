@@ -32,6 +32,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def _parse_ip(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.split("%", 1)[0])
@@ -56,9 +57,9 @@ class PeerInfo:
     bearer_token: str | None = field(default=None, repr=False)
     """A bearer token (tunnel ``Proxy-Authorization`` or PostgreSQL password). Never logged."""
 
-    @functools.cached_property
+    @property
     def remote_ip(self) -> IPAddress | None:
-        """The parsed client address (parsed once per distinct address)."""
+        """The parsed client address (parsed once per distinct address: clients repeat)."""
         return _parse_ip(self.remote_host)
 
     @property

@@ -196,12 +196,21 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        self._empty = asyncio.Event()
+        self._empty.set()
 
     def add(self, session: Session) -> None:
         self._sessions[session.id] = session
+        self._empty.clear()
 
     def remove(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
+        if not self._sessions:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Return once no session is live (shutdown's drain waits on this)."""
+        await self._empty.wait()
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)

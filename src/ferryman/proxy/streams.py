@@ -348,6 +348,37 @@ class TransportRelay:
             self.done.set_result(CloseInfo(reason, closed_by, detail))
 
 
+async def open_relay(
+    session: Session,
+    client_sock: socket.socket,
+    client_conn: Conn | None,
+    backend_sock: socket.socket,
+    backend_conn: Conn | None,
+    *,
+    splice: bool,
+    initial_up: bytes = b"",
+    initial_down: bytes = b"",
+    watch: Watch | None = None,
+) -> Relay:
+    """Start relaying a session's two sides and return at once; the relay then runs on the
+    loop's readiness callbacks and ends through the session (its ``done`` resolves, the session
+    audits and leaves the registry). Raw sockets on both sides use :class:`SocketRelay`
+    (``watch`` follows the stream, see its ``detach``) and start without waiting; anything over
+    a transport uses :class:`TransportRelay` (``watch`` unused)."""
+    loop = asyncio.get_running_loop()
+    relay: Relay
+    # No byte callback yet: session.attach installs one while a bandwidth window applies.
+    if client_conn is None and backend_conn is None:
+        relay = SocketRelay(loop, client_sock, backend_sock, None, splice=splice, watch=watch)
+    else:
+        client_side = client_conn or await wrap_plain(client_sock, server_side=True)
+        backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
+        relay = TransportRelay(loop, client_side, backend_side, None)
+    session.attach(relay)
+    relay.start(initial_up=initial_up, initial_down=initial_down)
+    return relay
+
+
 async def relay_until_closed(
     session: Session,
     client_sock: socket.socket,
@@ -360,20 +391,19 @@ async def relay_until_closed(
     initial_down: bytes = b"",
     watch: Watch | None = None,
 ) -> Relay:
-    """Relay a session's two sides until it ends: raw sockets on both sides use
-    :class:`SocketRelay` (splice; ``watch`` follows the stream, see its ``detach``); anything
-    over a transport uses :class:`TransportRelay` (``watch`` unused). Returns the ended relay."""
-    loop = asyncio.get_running_loop()
-    relay: Relay
-    # No byte callback yet: session.attach installs one while a bandwidth window applies.
-    if client_conn is None and backend_conn is None:
-        relay = SocketRelay(loop, client_sock, backend_sock, None, splice=splice, watch=watch)
-    else:
-        client_side = client_conn or await wrap_plain(client_sock, server_side=True)
-        backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
-        relay = TransportRelay(loop, client_side, backend_side, None)
-    session.attach(relay)
-    relay.start(initial_up=initial_up, initial_down=initial_down)
+    """:func:`open_relay`, then wait until the relay ends (for a caller with more to do after
+    it, as PostgreSQL mode has). Returns the ended relay."""
+    relay = await open_relay(
+        session,
+        client_sock,
+        client_conn,
+        backend_sock,
+        backend_conn,
+        splice=splice,
+        initial_up=initial_up,
+        initial_down=initial_down,
+        watch=watch,
+    )
     try:
         await asyncio.shield(relay.done)
     finally:

@@ -28,7 +28,7 @@ from ferryman.proxy.dial import dial_tcp
 from ferryman.proxy.preamble import read_proxy_header, sniff_client_hello, sniff_http_host
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session, new_connection_id
-from ferryman.proxy.streams import Conn, accept_tls, connect_tls, relay_until_closed
+from ferryman.proxy.streams import Conn, accept_tls, connect_tls, open_relay
 from ferryman.routing import NoRoute, Route
 from ferryman.tailscale.errors import TailscaleError
 from ferryman.tailscale.socks5 import dial_socks5
@@ -257,7 +257,9 @@ async def serve_tcp(
         idle_timeout=listener.idle_timeout,
     )
     rt.sessions.add(session)
-    await relay_until_closed(
+    # The relay outlives this task: from here the session owns the connection (it closes, audits
+    # and leaves the registry when the relay ends; shutdown drains and closes the registry).
+    await open_relay(
         session,
         sock,
         client_conn,
