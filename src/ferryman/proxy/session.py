@@ -2,7 +2,9 @@
 
 Owns: :class:`Session` (what the admin API lists and revalidation re-checks), the
 per-connection timers (``max_conn_duration``, ``idle_timeout``), bandwidth accounting on every
-chunk, and the audit record written when it closes; :class:`SessionRegistry`, the live set.
+chunk, and the audit record written when it closes; :class:`SessionRegistry`, the live set
+(which owns a TCP-mode connection once its relay runs: no task waits on it; shutdown waits for
+the registry to empty).
 
 Must not: move bytes (the relay does) or decide grants (the engine does). It applies what they
 say: a new :class:`~ferryman.policy.engine.Authorization` after revalidation, or a close.
