@@ -58,7 +58,7 @@ from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_star
 from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
-from ferryman.proxy.streams import relay_until_closed
+from ferryman.proxy.streams import open_relay, until_closed
 from ferryman.proxy.tcp import peer_info
 from ferryman.routing import NoRoute
 
@@ -411,7 +411,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
     side = backend.side
     watch = pgwire.SessionTracker() if backend.pool_key is not None and side.conn is None else None
     try:
-        relay = await relay_until_closed(
+        relay = await open_relay(
             session,
             client.sock,
             client.conn,
@@ -422,6 +422,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
             initial_down=down,
             watch=watch,
         )
+        await until_closed(relay)
     finally:
         rt.pg_cancel.pop((our_pid, our_secret), None)
     if isinstance(relay, SocketRelay) and relay.detached is not None and backend.pool_key is not None:

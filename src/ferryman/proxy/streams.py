@@ -379,34 +379,10 @@ async def open_relay(
     return relay
 
 
-async def relay_until_closed(
-    session: Session,
-    client_sock: socket.socket,
-    client_conn: Conn | None,
-    backend_sock: socket.socket,
-    backend_conn: Conn | None,
-    *,
-    splice: bool,
-    initial_up: bytes = b"",
-    initial_down: bytes = b"",
-    watch: Watch | None = None,
-) -> Relay:
-    """:func:`open_relay`, then wait until the relay ends (for a caller with more to do after
-    it, as PostgreSQL mode has). Returns the ended relay."""
-    relay = await open_relay(
-        session,
-        client_sock,
-        client_conn,
-        backend_sock,
-        backend_conn,
-        splice=splice,
-        initial_up=initial_up,
-        initial_down=initial_down,
-        watch=watch,
-    )
+async def until_closed(relay: Relay) -> None:
+    """Wait until ``relay`` ends, for a caller with more to do after it (PostgreSQL mode). If
+    the wait is cancelled (forced shutdown), the relay still closes and its session audits."""
     try:
         await asyncio.shield(relay.done)
     finally:
-        # Cancelled (forced shutdown): the relay must still close, and the session audit.
         relay.close("shutdown")
-    return relay
