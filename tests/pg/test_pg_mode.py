@@ -4,6 +4,7 @@ to a throwaway PostgreSQL 15 cluster (SPEC §5)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import pytest
 
 from tests.pg.conftest import APPDB, listener_port, needs_psql, pg_files, pg_grant
 from tests.support.gateway import GatewayFiles, running_gateway, wait_for
+from tests.support.localapi_double import LocalAPIDouble
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.pg
@@ -200,6 +202,28 @@ async def test_backend_unreachable_is_08006(tmp_path: Path, cluster: PgCluster) 
                 host="127.0.0.1", port=listener_port(files), user="x", database=APPDB, ssl=False
             )
     assert info.value.sqlstate == "08006"
+
+
+async def test_identity_lookup_timeout_is_28000_not_08006(tmp_path: Path, cluster: PgCluster) -> None:
+    """A tailscaled slower than the listener's identity_timeout: the client has no identity
+    (28000), the database is not unreachable (08006)."""
+    async with LocalAPIDouble.running() as double:
+        double.add_peer("127.0.0.1", login="alice@example.com")
+        double.delays["whois"] = 3.0
+        files = pg_files(tmp_path, cluster, prefix="e8_", identity_timeout="0.3s")
+        files.static = []
+        files.extra = f'[tailscale]\nsocket = {json.dumps(double.socket_path)}\ntimeout = "10s"\n'
+        files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}))
+        async with running_gateway(files):
+            with pytest.raises(asyncpg.PostgresError) as info:
+                await asyncpg.connect(
+                    host="127.0.0.1", port=listener_port(files), user="x", database=APPDB, ssl=False
+                )
+            await wait_for(files.audit)
+    assert info.value.sqlstate == "28000"
+    assert "identity lookup timed out" in str(info.value)
+    (record,) = files.audit()
+    assert record["allowed"] is False and "identity lookup timed out" in record["reason"]
 
 
 async def test_unmanaged_role_with_same_name_is_refused(tmp_path: Path, cluster: PgCluster) -> None:

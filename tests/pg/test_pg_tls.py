@@ -251,3 +251,9 @@ async def test_postgres_listener_routes_by_sni(
         assert (code, out.strip()) == (0, str(replica.port)), err
         code, out, err = await psql(port, f"host=primary.pg.test {base}", "show port")
         assert (code, out.strip()) == (0, str(cluster.port)), err
+        await wait_for(lambda: len(files.closes()) == 2)
+    # Each close record names the backend the connection was actually routed to.
+    assert [c["backend"] for c in files.closes()] == [
+        f"replica.pg.test@127.0.0.1:{replica.port}",
+        f"127.0.0.1:{cluster.port}",
+    ]

@@ -1,6 +1,7 @@
 """PostgreSQL mode (SPEC §5): a wire-protocol gateway logging in as per-person roles.
 
-Owns: the life of one PostgreSQL-mode connection: start-up (``proxy.pgstartup``), identity and
+Owns: the life of one PostgreSQL-mode connection: a load balancer's PROXY header
+(``accept_proxy_protocol``), start-up (``proxy.pgstartup``), identity and
 grant for the requested database, effective preset, limits, role provisioning, backend login
 (``proxy.pgbackend``) or taking a kept backend session of the same role (``proxy.pgpool``),
 answering the client (AuthenticationOk, ParameterStatus, our own BackendKeyData,
@@ -33,6 +34,7 @@ from ferryman.errors import (
     BackendAuthFailed,
     BackendUnavailable,
     FerrymanError,
+    IdentityUnavailable,
     InvalidParameter,
     LimitExceeded,
     LocalProtocolError,
@@ -55,11 +57,12 @@ from ferryman.proxy.pgbackend import (
 from ferryman.proxy.pgpool import KeptSession, PoolKey, pool_key
 from ferryman.proxy.pgroles import PgRoles
 from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
+from ferryman.proxy.preamble import read_proxy_header
 from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import open_relay, until_closed
-from ferryman.proxy.tcp import peer_info
+from ferryman.proxy.tcp import behind_proxy, describe_target, peer_info, with_local_address
 from ferryman.routing import NoRoute
 
 logger = logging.getLogger(__name__)
@@ -128,6 +131,8 @@ async def serve_postgres(
     identity: Identity | None = None
     lease: Lease | None = None
     try:
+        if listener.accept_proxy_protocol:
+            peer = await _load_balancer_peer(sock, peer, listener.proxy_protocol_timeout)
         try:
             async with asyncio.timeout(listener.postgres.handshake_timeout):
                 asked = await read_startup(
@@ -141,16 +146,25 @@ async def serve_postgres(
             logger.info("%s: start-up from %s failed: %s", listener.name, peer.remote_addr, exc)
             client.close()
             return
+        if listener.proxy_protocol != "off":
+            peer = with_local_address(peer, sock)  # the header's destination
         if isinstance(asked, CancelAsked):
-            await _forward_cancel(rt, asked)
+            await _forward_cancel(rt, asked, peer)
             client.close()
             return
         startup = asked
         peer = dataclasses.replace(peer, sni=client.sni, peer_cert_der=client.peer_cert_der)
         if rt.draining:
             raise ShuttingDown("gateway is shutting down")
-        async with asyncio.timeout(listener.identity_timeout):
-            identity = await rt.access.identify(peer, rt.sources_for(listener))
+        try:
+            async with asyncio.timeout(listener.identity_timeout):
+                identity = await rt.access.identify(peer, rt.sources_for(listener))
+        except TimeoutError:
+            # No identity (28000), not an unreachable database: the sources were too slow.
+            raise IdentityUnavailable(
+                f"identity lookup timed out after {listener.identity_timeout:g}s",
+                client_message="could not tell who you are in time (identity lookup timed out)",
+            ) from None
         auth = rt.access.authorize(identity, peer, listener.name)
         grant = database_grant(auth, startup.database)
         roles = rt.provisioners.get(listener.name)
@@ -176,7 +190,7 @@ async def serve_postgres(
             provisioner = roles.for_backend(target.dial_host, target.port)
             try:
                 login, backend = await _login(
-                    rt, listener, target, provisioner, identity, grant, startup, reuse=reuse
+                    rt, listener, target, provisioner, identity, peer, grant, startup, reuse=reuse
                 )
                 break
             except BackendUnavailable as exc:
@@ -282,6 +296,7 @@ async def _login(
     target: TargetConfig,
     provisioner: PgRoles,
     identity: Identity,
+    peer: PeerInfo,
     grant: PgDatabaseGrant,
     startup: Startup,
     *,
@@ -310,6 +325,7 @@ async def _login(
                 rt,
                 listener,
                 target=target,
+                peer=peer,
                 role=login.role,
                 password=login.password,
                 database=startup.database,
@@ -396,7 +412,7 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         mode="postgres",
         identity=identity,
         peer=peer,
-        backend=listener.backend or "",
+        backend=describe_target(a.target),
         auth=auth,
         lease=lease,
         tracker=rt.tracker,
@@ -463,7 +479,21 @@ def _terminator(provisioner: PgRoles, backend_pid: int) -> Callable[[], Awaitabl
     return terminate
 
 
-async def _forward_cancel(rt: Runtime, asked: CancelAsked) -> None:
+async def _load_balancer_peer(sock: socket.socket, peer: PeerInfo, timeout: float) -> PeerInfo:
+    """The client as the load balancer's PROXY header names it. Raises RemoteProtocolError
+    (08P01) for a missing, malformed or late header: the connection is refused."""
+    try:
+        async with asyncio.timeout(timeout):
+            return behind_proxy(peer, await read_proxy_header(sock))
+    except TimeoutError:
+        raise RemoteProtocolError("timed out waiting for the PROXY protocol header") from None
+    except OSError as exc:
+        raise RemoteProtocolError(
+            f"connection failed before the PROXY protocol header: {exc.strerror or exc}"
+        ) from None
+
+
+async def _forward_cancel(rt: Runtime, asked: CancelAsked, peer: PeerInfo) -> None:
     target = rt.pg_cancel.get((asked.request.process_id, asked.request.secret_key))
     if target is None:
         return  # unknown keys are dropped silently, as PostgreSQL does
@@ -471,6 +501,6 @@ async def _forward_cancel(rt: Runtime, asked: CancelAsked) -> None:
     if listener is None:
         return
     try:
-        await send_cancel(rt, listener, target.target, target.process_id, target.secret_key)
+        await send_cancel(rt, listener, target.target, peer, target.process_id, target.secret_key)
     except FerrymanError as exc:
         logger.info("cancel for %s not delivered: %s", target.listener, exc)

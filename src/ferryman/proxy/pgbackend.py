@@ -1,6 +1,8 @@
 """PostgreSQL mode, backend side: log in as the provisioned role, and forward cancels.
 
-Owns: dialling the backend (directly or through tailscaled), optional backend TLS via
+Owns: dialling the backend (directly or through tailscaled), the PROXY protocol header first
+when the listener sends one (``proxy_protocol``: login and cancel connections alike), optional
+backend TLS via
 SSLRequest (``backend_tls``: ``off``, ``require`` = encrypt without verifying, ``verify-full`` =
 verify CA and host name), and driving :class:`ferryman.pgwire.ClientConnection` through the
 login (SCRAM-SHA-256 with the server signature verified, MD5, cleartext or trust) up to
@@ -17,9 +19,10 @@ import ssl
 from ferryman import pgwire
 from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import BackendAuthFailed, BackendUnavailable, FerrymanError
+from ferryman.identity.base import PeerInfo
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.streams import SetupStream, connect_tls
-from ferryman.proxy.tcp import dial_backend
+from ferryman.proxy.tcp import describe_target, dial_backend, proxy_header
 
 # SQLSTATE classes that mean "your login was refused" rather than "the session failed".
 _LOGIN_REFUSED = ("28000", "28P01")
@@ -68,6 +71,7 @@ async def backend_login(
     listener: ListenerConfig,
     *,
     target: TargetConfig,
+    peer: PeerInfo,
     role: str,
     password: str | None,
     database: str,
@@ -75,17 +79,21 @@ async def backend_login(
     tls: ssl.SSLContext | None,
 ) -> tuple[BackendSide, pgwire.ClientConnection]:
     """Connect and log in. Raises BackendUnavailable (08006), BackendAuthFailed (28P01) or
-    BackendRefused (the backend's own ErrorResponse, e.g. 3D000)."""
+    BackendRefused (the backend's own ErrorResponse, e.g. 3D000). ``peer`` is the client, for a
+    PROXY header (with its local address when the listener sends one)."""
     sock, first = await dial_backend(rt, listener, target)
     backend = BackendSide(sock, pending=first)
     codec = pgwire.ClientConnection(password=password)
+    where = describe_target(target)
     try:
         async with asyncio.timeout(listener.dial_timeout):
+            if listener.proxy_protocol != "off":
+                await backend.send(proxy_header(listener.proxy_protocol, peer))
             if tls is not None:
                 await backend.send(codec.send(pgwire.SSLRequest()))
                 answer = await _exchange(backend, codec)
                 if not isinstance(answer, pgwire.SSLResponse) or not answer.accept:
-                    raise BackendUnavailable(f"backend {listener.backend} does not offer TLS (backend_tls)")
+                    raise BackendUnavailable(f"backend {where} does not offer TLS (backend_tls)")
                 # The name goes out as SNI either way; only verify-full's context checks it.
                 backend.conn = await connect_tls(sock, tls, target.host, listener.dial_timeout)
                 codec.tls_established()
@@ -108,26 +116,34 @@ async def backend_login(
                         continue
     except TimeoutError:
         backend.close()
-        raise BackendUnavailable(f"backend {listener.backend}: login timed out") from None
+        raise BackendUnavailable(f"backend {where}: login timed out") from None
     except ssl.SSLError as exc:
         backend.close()
-        raise BackendUnavailable(f"backend {listener.backend}: TLS failed: {exc.reason or exc}") from None
+        raise BackendUnavailable(f"backend {where}: TLS failed: {exc.reason or exc}") from None
     except OSError as exc:
         backend.close()
-        raise BackendUnavailable(f"backend {listener.backend}: {exc.strerror or exc}") from None
+        raise BackendUnavailable(f"backend {where}: {exc.strerror or exc}") from None
     except BaseException:
         backend.close()
         raise
 
 
 async def send_cancel(
-    rt: Runtime, listener: ListenerConfig, target: TargetConfig, process_id: int, secret_key: bytes
+    rt: Runtime,
+    listener: ListenerConfig,
+    target: TargetConfig,
+    peer: PeerInfo,
+    process_id: int,
+    secret_key: bytes,
 ) -> None:
-    """Deliver a CancelRequest for a backend session (best effort, as PostgreSQL's own)."""
+    """Deliver a CancelRequest for a backend session (best effort, as PostgreSQL's own);
+    ``peer`` is the client that asked (named in a PROXY header if the listener sends one)."""
     sock, _ = await dial_backend(rt, listener, target)
     try:
         codec = pgwire.ClientConnection()
         data = codec.send(pgwire.CancelRequest(process_id, secret_key))
+        if listener.proxy_protocol != "off":
+            data = proxy_header(listener.proxy_protocol, peer) + data
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, data)
         # The server closes once it has read the request; wait for that so it isn't lost.

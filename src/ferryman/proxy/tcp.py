@@ -51,6 +51,14 @@ def with_local_address(peer: PeerInfo, sock: socket.socket) -> PeerInfo:
     return dataclasses.replace(peer, local_host=_unmapped(str(local[0])), local_port=int(local[1]))
 
 
+def behind_proxy(peer: PeerInfo, header: proxyproto.ProxyHeader) -> PeerInfo:
+    """``peer`` as the load balancer's PROXY header describes it (unchanged for ``LOCAL`` or
+    ``UNKNOWN``, which carry no client address)."""
+    if header.src_addr is None or header.src_port is None:
+        return peer
+    return dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
+
+
 def _unmapped(host: str) -> str:
     """An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) as plain IPv4."""
     return host[7:] if host.startswith("::ffff:") and "." in host else host
@@ -168,11 +176,7 @@ async def serve_tcp(
         if identity is None:
             async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
                 if listener.accept_proxy_protocol:
-                    header = await read_proxy_header(sock)
-                    if header.src_addr is not None and header.src_port is not None:
-                        peer = dataclasses.replace(
-                            peer, remote_host=header.src_addr, remote_port=header.src_port
-                        )
+                    peer = behind_proxy(peer, await read_proxy_header(sock))
                 waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
                     listener.tls, "the HTTP request head"
                 )
@@ -230,7 +234,7 @@ async def serve_tcp(
             user=identity.user,
             node=identity.node,
             source=peer.remote_addr,
-            backend=_describe(route.targets[0]) if route.targets else "",
+            backend=describe_target(route.targets[0]) if route.targets else "",
             bytes_up=0,
             bytes_down=0,
             duration=0.0,
@@ -249,7 +253,7 @@ async def serve_tcp(
         mode="tcp",
         identity=identity,
         peer=peer,
-        backend=_describe(target),
+        backend=describe_target(target),
         auth=auth,
         lease=lease,
         tracker=rt.tracker,
@@ -271,7 +275,8 @@ async def serve_tcp(
     )
 
 
-def _describe(target: TargetConfig) -> str:
+def describe_target(target: TargetConfig) -> str:
+    """How audit records and logs name a target: ``host:port``, or ``host@ip:port``."""
     host = target.host if target.ip is None else f"{target.host}@{target.ip}"
     return f"{host}:{target.port}"
 
