@@ -51,6 +51,12 @@ class CancelAsked:
     request: pgwire.CancelRequest
 
 
+OPTIONS_SPACE = frozenset(" \t\n\v\f\r")
+"""What separates words in ``options``: the server's ``pg_split_opts`` uses C ``isspace()`` on
+bytes, so these six ASCII characters and nothing else (``str.isspace`` would also split on
+U+00A0, U+2003, U+001F, ... which PostgreSQL keeps inside a value)."""
+
+
 def split_options(options: str) -> list[str]:
     """Split libpq's ``options`` like the server does: whitespace, backslash escapes."""
     out: list[str] = []
@@ -62,7 +68,7 @@ def split_options(options: str) -> list[str]:
             escaped = False
         elif ch == "\\":
             escaped = True
-        elif ch.isspace():
+        elif ch in OPTIONS_SPACE:
             if current:
                 out.append("".join(current))
                 current = []
@@ -74,22 +80,33 @@ def split_options(options: str) -> list[str]:
 
 
 def _join_options(words: list[str]) -> str:
-    return " ".join(w.replace("\\", "\\\\").replace(" ", "\\ ") for w in words)
+    """The inverse of :func:`split_options`: every separator and backslash escaped."""
+    return " ".join(
+        "".join("\\" + ch if ch == "\\" or ch in OPTIONS_SPACE else ch for ch in w) for w in words
+    )
 
 
 def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, str]]:
     """Our preset request (``ferryman_presets``, ``-c ferryman.presets=…``, Waypoint aliases)
-    and the parameters to forward, with our settings removed from ``options``."""
+    and the parameters to forward, with our settings removed from ``options``.
+
+    ``options`` is read as the server reads it (``pg_split_opts``, then ``-c name=value``,
+    ``-cname=value`` or ``--name=value``); when it holds none of our settings it is forwarded
+    unchanged, otherwise re-escaped from the remaining words."""
     forward = {k: v for k, v in parameters.items() if k not in DROPPED_PARAMETERS}
     requested: list[str] = [parameters[k] for k in PRESET_PARAMETERS if parameters.get(k)]
     options = parameters.get("options")
     if options:
         words = split_options(options)
         kept: list[str] = []
+        removed = False
         i = 0
         while i < len(words):
             word = words[i]
             setting: str | None = None
+            if word == "--":
+                kept.extend(words[i:])  # getopt: the end of the options; the server refuses the rest
+                break
             if word == "-c" and i + 1 < len(words):
                 setting, i = words[i + 1], i + 2
             elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
@@ -101,11 +118,13 @@ def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, s
             name, _, value = setting.partition("=")
             if name.strip().lower() in PRESET_SETTINGS:
                 requested.append(value)
+                removed = True
             else:
                 kept.extend(["-c", setting])
-        if kept:
+        # Nothing of ours in it: the client's own string goes on byte for byte.
+        if removed and kept:
             forward["options"] = _join_options(kept)
-        else:
+        elif removed:
             forward.pop("options", None)
     return (",".join(requested) if requested else None), forward
 
