@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import struct
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,15 +27,23 @@ class Served:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.lines: list[dict[str, object]] = []
+        self.stdout = bytearray()
         self._pump = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
+        out = asyncio.ensure_future(self._read_stdout())
         while line := await self.proc.stderr.readline():
             try:
                 self.lines.append(json.loads(line))
             except ValueError:
                 self.lines.append({"msg": line.decode(errors="replace")})
+        await out
+
+    async def _read_stdout(self) -> None:
+        if self.proc.stdout is not None:
+            while chunk := await self.proc.stdout.read(65536):
+                self.stdout += chunk
 
     def logged(self, text: str) -> bool:
         return any(text in str(line.get("msg", "")) for line in self.lines)
@@ -66,7 +75,7 @@ async def serve(tmp_path: Path) -> AsyncIterator:
             str(files.config_path),
             *args,
             stderr=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             env={**os.environ, **(env or {})},
         )
         served = Served(proc)
@@ -145,6 +154,32 @@ async def test_sighup_with_broken_file_keeps_running_config(tmp_path: Path, serv
         assert await served.wait() == 0
 
 
+async def test_sighup_with_client_auth_but_no_tls_keeps_running_config(tmp_path: Path, serve) -> None:
+    """``client_auth`` on a listener that terminates no TLS is a configuration error: a reload
+    with it is refused as a whole (the listener it also adds does not start) and names the line."""
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}, "new": {}}))
+        served = await serve(files)
+        held = await connect(port)
+        files.listeners[0].update(client_auth="need", client_ca_file="clients-ca.pem")
+        new = files.add_listener("new", echo.address)
+        number = files.write().read_text().splitlines().index('client_auth = "need"') + 1
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("reload failed, keeping the running configuration"))
+        message = next(str(line["msg"]) for line in served.lines if "reload failed" in str(line["msg"]))
+        assert f'ferryman.toml:{number}: listeners[0].client_auth: "need" needs tls = "enabled"' in message
+        with pytest.raises(OSError):
+            await connect(new)
+        assert await roundtrip(port) == b"ping"
+        held[1].write(b"ok")
+        assert await held[0].readexactly(2) == b"ok"
+        held[1].close()
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+
+
 async def test_sighup_reload_refuses_busy_port_atomically(tmp_path: Path, serve) -> None:
     files = GatewayFiles(tmp_path)
     async with EchoServer() as echo:
@@ -195,17 +230,155 @@ async def refused_or_unreachable(port: int) -> bool:
         return True
 
 
+class RefusingPostgres:
+    """A stand-in PostgreSQL server that makes the gateway use its admin password and then
+    refuses it: it asks for the password in cleartext (so it crosses the wire and is recorded
+    here), refuses the first ``refuse_logins`` logins (28P01, as a wrong password would be),
+    lets later ones in and refuses every statement (42501). Enough for libpq and psycopg."""
+
+    def __init__(self, refuse_logins: int = 1) -> None:
+        self.refuse_logins = refuse_logins
+        self.passwords: list[str] = []
+        self.queries = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> "RefusingPostgres":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    def _message(kind: bytes, body: bytes) -> bytes:
+        return kind + struct.pack("!I", len(body) + 4) + body
+
+    def _error(self, severity: str, code: str, text: str) -> bytes:
+        fields = [
+            b"S" + severity.encode(),
+            b"V" + severity.encode(),
+            b"C" + code.encode(),
+            b"M" + text.encode(),
+        ]
+        return self._message(b"E", b"".join(f + b"\0" for f in fields) + b"\0")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # SSLRequest / GSSENCRequest -> "N", until the StartupMessage
+                (length,) = struct.unpack("!I", await reader.readexactly(4))
+                body = await reader.readexactly(length - 4)
+                if struct.unpack("!I", body[:4])[0] not in (80877103, 80877104):
+                    break
+                writer.write(b"N")
+                await writer.drain()
+            writer.write(self._message(b"R", struct.pack("!I", 3)))  # AuthenticationCleartextPassword
+            await writer.drain()
+            kind, (length,) = await reader.readexactly(1), struct.unpack("!I", await reader.readexactly(4))
+            assert kind == b"p"
+            self.passwords.append((await reader.readexactly(length - 4)).rstrip(b"\0").decode())
+            if len(self.passwords) <= self.refuse_logins:
+                writer.write(self._error("FATAL", "28P01", "password authentication failed (test backend)"))
+                return
+            writer.write(self._message(b"R", struct.pack("!I", 0)))  # AuthenticationOk
+            for name, value in (("server_version", "16.0"), ("client_encoding", "UTF8")):
+                writer.write(self._message(b"S", f"{name}\0{value}\0".encode()))
+            writer.write(self._message(b"K", struct.pack("!II", 4242, 1)))
+            writer.write(self._message(b"Z", b"I"))
+            await writer.drain()
+            while True:  # each query (simple, or extended up to Sync) is refused
+                kind, (length,) = (
+                    await reader.readexactly(1),
+                    struct.unpack("!I", await reader.readexactly(4)),
+                )
+                await reader.readexactly(length - 4)
+                if kind == b"X":
+                    return
+                if kind in (b"Q", b"S"):
+                    self.queries += 1
+                    writer.write(self._error("ERROR", "42501", "permission denied by the test backend"))
+                    writer.write(self._message(b"Z", b"I"))
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def startup_message(**params: str) -> bytes:
+    body = struct.pack("!I", 196608) + b"".join(f"{k}\0{v}\0".encode() for k, v in params.items()) + b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
 async def test_secrets_never_reach_the_log(tmp_path: Path, serve) -> None:
+    """Secrets given as ${VAR} that the gateway really uses -- a PostgreSQL listener's admin
+    password, sent to a backend that refuses it and then refuses the gateway's statements --
+    appear nowhere in what the gateway writes (log at debug level, stdout, audit), while the
+    failures themselves are logged with their details."""
+    password = "pw-9d41c7-secret"
+    token = "tok-7f3a9c-secret"
     files = GatewayFiles(tmp_path)
     files.extra = f'[admin]\nlisten = "127.0.0.1:{free_port()}"\ntoken = "${{FERRYMAN_ADMIN_TOKEN}}"\n'
-    files.listeners.append({"name": "x", "listen": f"127.0.0.1:{free_port()}", "backend": "127.0.0.1:1"})
-    served = await serve(files, env={"FERRYMAN_ADMIN_TOKEN": "tok-7f3a9c-secret"})
-    await served.signal(signal.SIGHUP)
-    await wait_for(lambda: served.logged("configuration reloaded"))
-    await served.signal(signal.SIGTERM)
-    await served.wait()
-    assert served.lines
-    assert "tok-7f3a9c-secret" not in json.dumps(served.lines)
+    async with RefusingPostgres() as backend:
+        port = free_port()
+        files.listeners.append(
+            {
+                "name": "pg-secret",
+                "listen": f"127.0.0.1:{port}",
+                "mode": "postgres",
+                "backend": backend.address,
+            }
+        )
+        files.extra += (
+            '[listeners.postgres]\nadmin_user = "ferryman_admin"\n'
+            'admin_password = "${PG_ADMIN_PASSWORD}"\nadmin_database = "postgres"\n'
+        )
+        files.grants.append(grant({"pg-secret": {"pg": {"databases": {"*": {"permissions": ["readonly"]}}}}}))
+        served = await serve(files, env={"FERRYMAN_ADMIN_TOKEN": token, "PG_ADMIN_PASSWORD": password})
+        # Sooner or later (at start, or for the first connection) the gateway logs in as its
+        # admin, and the backend refuses the password.
+        reader, writer = await connect(port)
+        writer.write(startup_message(user="dev", database="appdb"))
+        async with asyncio.timeout(15):
+            first = await reader.read()
+        writer.close()
+        await wait_for(lambda: served.logged("password authentication failed (test backend)"), timeout=15)
+        # The next attempt logs in, and the backend refuses the gateway's statements.
+        reader, writer = await connect(port)
+        writer.write(startup_message(user="dev", database="appdb"))
+        async with asyncio.timeout(15):
+            second = await reader.read()
+        writer.close()
+        await served.signal(signal.SIGHUP)
+        await wait_for(lambda: served.logged("configuration reloaded"))
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+    # The secret was used: expanded from the environment and sent to the backend at each login.
+    assert len(backend.passwords) >= 2 and set(backend.passwords) == {password}
+    assert backend.queries >= 1
+    for reply in (first, second):  # each client was refused with a FATAL ErrorResponse
+        assert reply[:1] == b"E" and b"SFATAL\0" in reply, reply
+    log = json.dumps(served.lines)
+    written = {
+        "log": log,
+        "stdout": served.stdout.decode(errors="replace"),
+        "audit": files.audit_path.read_text(),
+        "replies to clients": (first + second).decode(errors="replace"),
+    }
+    # The failures are in the log with their details (so a password in them would be too).
+    assert "password authentication failed (test backend)" in log
+    assert "permission denied by the test backend" in log
+    assert "pg-secret" in log and backend.address in log
+    assert "pg-secret" in written["audit"]
+    for name, text in written.items():
+        assert password not in text, name
+        assert token not in text, name
 
 
 async def test_serve_without_config_runs_on_defaults() -> None:

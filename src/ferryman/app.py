@@ -23,6 +23,7 @@ from typing import Any
 
 from ferryman import logs
 from ferryman._aio import cancel_and_wait, spawn
+from ferryman.admin.service import AdminService
 from ferryman.audit import AuditLog
 from ferryman.config.load import load_config
 from ferryman.config.model import Config, ListenerConfig
@@ -135,6 +136,13 @@ class Gateway:
         self._reval_wakeup = asyncio.Event()
         self._policy_stamp: tuple[float, int] | None = None
         self.stopped = asyncio.Event()
+        self.admin = AdminService(self.runtime, self._addresses)
+        sessions = self.runtime.sessions
+        self.runtime.metrics.live_sessions = lambda: ((s.listener, s.mode) for s in sessions)
+
+    def _addresses(self) -> dict[str, str]:
+        """Running listeners: name → the address they are bound to."""
+        return {name: f"{lis.address[0]}:{lis.address[1]}" for name, lis in self.listeners.items()}
 
     # -- start ----------------------------------------------------------------------------
 
@@ -155,6 +163,7 @@ class Gateway:
             await self._start_resources(item, tls[item.name])
             self._start_listener(item, bound[item.name])
         spawn(self._revalidation_loop(), name="revalidation", owner=self._tasks)
+        await self.admin.apply(self.config.admin)
         logger.info(
             "ferryman started with %d listener(s)",
             len(self.listeners),
@@ -206,20 +215,16 @@ class Gateway:
         await self._stop_provisioner(item.name)
         if item.mode != "postgres":
             return
+        # Not awaited here: the backend may be down, and binding must not wait for it. The
+        # background task opens the provisioner (and logs a failure); connections open it too.
         roles = ListenerRoles(item)
         self.runtime.provisioners[item.name] = roles
-        try:
-            await roles.open()
-        except FerrymanError as exc:
-            logger.error("listener %s: %s (will retry on the next connection)", item.name, exc)
         name = item.name
 
         def live_roles() -> set[str]:
             return {str(s.extra.get("role")) for s in self.runtime.sessions.for_listener(name)}
 
-        self._sweepers[name] = spawn(
-            roles.sweep_forever(live_roles), name=f"sweeper {name}", owner=self._tasks
-        )
+        self._sweepers[name] = spawn(roles.run(live_roles), name=f"sweeper {name}", owner=self._tasks)
 
     async def _renew_forever(self, name: str, tls: ListenerTLS) -> None:
         interval = self.config.tailscale.cert_check_interval if self.config.tailscale else 3600.0
@@ -278,12 +283,15 @@ class Gateway:
             policy = read_policy(config)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
+            self.runtime.metrics.reloaded(False)
             return False
         try:
             await self.apply(config, policy)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
+            self.runtime.metrics.reloaded(False)
             return False
+        self.runtime.metrics.reloaded(True)
         logger.info("configuration reloaded", extra={"listeners": sorted(self.listeners)})
         return True
 
@@ -342,6 +350,7 @@ class Gateway:
             spawn(source.aclose(), name="close identity source", owner=self._tasks)
         if old_tailscale is not None:
             spawn(old_tailscale.aclose(), name="close LocalAPI client", owner=self._tasks)
+        await self.admin.apply(config.admin)
         self._reval_wakeup.set()
 
     def _held_by_other_listener(self, item: ListenerConfig) -> bool:
@@ -499,5 +508,6 @@ class Gateway:
             await source.aclose()
         if rt.tailscale is not None:
             await rt.tailscale.aclose()
+        await self.admin.close()  # last: /healthz says "draining" until the drain is over
         rt.audit.close()
         self.stopped.set()

@@ -99,6 +99,71 @@ def test_identity_source_must_be_configured() -> None:
     assert "'tailscale'" in message
 
 
+TCP_MTLS = 'client_ca_file = "clients-ca.pem"\nclient_auth = "{auth}"\n'
+
+
+@pytest.mark.parametrize("auth", ["want", "need"])
+@pytest.mark.parametrize("tls", [None, "disabled", "passthrough"])
+def test_client_auth_needs_tls_terminated_on_tcp_listeners(tls: str | None, auth: str) -> None:
+    """Where the gateway terminates no TLS no certificate is ever asked for: a plaintext
+    client would reach the backend, so the combination is refused, not silently ignored."""
+    text = BASE + (f'tls = "{tls}"\n' if tls else "") + TCP_MTLS.format(auth=auth)
+    line = 12 if tls else 11
+    assert error_of(text) == (
+        f'gw.toml:{line}: listeners[0].client_auth: "{auth}" needs tls = "enabled" '
+        f'(with tls = "{tls or "disabled"}" the gateway terminates no TLS, so no client '
+        "certificate would ever be checked)"
+    )
+
+
+def test_client_auth_with_terminated_tls_on_tcp_listener_is_valid() -> None:
+    text = BASE + 'tls = "enabled"\ncert_file = "c.pem"\nkey_file = "k.pem"\n' + TCP_MTLS.format(auth="need")
+    (listener,) = load_config_text(text, env={}).listeners
+    assert (listener.tls, listener.client_auth) == ("enabled", "need")
+
+
+def postgres_listener(tls_mode: str, auth: str) -> str:
+    return (
+        BASE
+        + '\n[[listeners]]\nname = "pg"\nlisten = "127.0.0.1:7001"\nmode = "postgres"\n'
+        + 'backend = "127.0.0.1:5432"\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
+        + f'tls_mode = "{tls_mode}"\n'
+        + TCP_MTLS.format(auth=auth)
+        + '[listeners.postgres]\nadmin_user = "ferryman_admin"\n'
+    )
+
+
+NO_TLS = "the gateway terminates no TLS, so no client certificate would ever be checked)"
+
+
+@pytest.mark.parametrize(
+    ("tls_mode", "auth", "expected"),
+    [
+        ("off", "want", f'needs tls_mode = "optional" or "require" (with tls_mode = "off" {NO_TLS}'),
+        ("off", "need", f'needs tls_mode = "require" (with tls_mode = "off" {NO_TLS}'),
+        (
+            "optional",
+            "need",
+            'needs tls_mode = "require" (with tls_mode = "optional" a plaintext client would skip '
+            "the certificate check)",
+        ),
+    ],
+)
+def test_client_auth_on_postgres_listeners_needs_tls_every_client_must_use(
+    tls_mode: str, auth: str, expected: str
+) -> None:
+    message = error_of(postgres_listener(tls_mode, auth))
+    assert message == f'gw.toml:20: listeners[1].client_auth: "{auth}" {expected}'
+
+
+@pytest.mark.parametrize(
+    ("tls_mode", "auth"), [("optional", "want"), ("require", "want"), ("require", "need")]
+)
+def test_client_auth_on_postgres_listeners_with_tls(tls_mode: str, auth: str) -> None:
+    listener = load_config_text(postgres_listener(tls_mode, auth), env={}).listeners[1]
+    assert (listener.tls_mode, listener.client_auth) == (tls_mode, auth)
+
+
 def test_several_errors_reported_together() -> None:
     message = error_of(BASE + 'bakend = "x:1"\nidle_timeout = "soon"\n')
     assert "listeners[0].bakend: unknown key" in message
@@ -144,6 +209,13 @@ def test_check_command_rejects_with_location(tmp_path: Path) -> None:
     assert "gw.toml:10: listeners[0].bakend: unknown key" in result.stderr
 
 
+@pytest.mark.parametrize("tls", ["disabled", "passthrough"])
+def test_check_command_rejects_client_auth_without_tls(tmp_path: Path, tls: str) -> None:
+    result = run_check(tmp_path, BASE + f'tls = "{tls}"\n' + TCP_MTLS.format(auth="need"))
+    assert result.returncode == 2
+    assert 'gw.toml:12: listeners[0].client_auth: "need" needs tls = "enabled"' in result.stderr
+
+
 def test_check_warns_about_grant_naming_no_listener(tmp_path: Path) -> None:
     policy = (
         '{"grants": [{"src": ["*"], "app": {"ferryman.dev/cap/ferryman": [{"backends": {"nope": {}}}]}}]}'
@@ -183,3 +255,27 @@ def test_readme_examples_are_valid_configuration() -> None:
         if "[[listeners]]" in text and "[[identity.static]]" not in text:
             text = '[[identity.static]]\ncidr = "10.0.0.0/8"\nuser = "x"\n' + text
         load_config_text(text, file="README.md", env={"FERRYMAN_ADMIN_TOKEN": "t", "PG_ADMIN_PASSWORD": "p"})
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9180", ":9180", "10.1.2.3:9180", "admin.example.com:9180"])
+def test_admin_listener_reachable_from_elsewhere_needs_a_token(listen: str) -> None:
+    text = BASE + f'[admin]\nlisten = "{listen}"\n'
+    assert error_of(text) == (
+        f"gw.toml:11: admin.listen: {listen!r} is reachable from other machines: set [admin] token "
+        '(e.g. token = "${FERRYMAN_ADMIN_TOKEN}") or listen on a loopback address'
+    )
+
+
+@pytest.mark.parametrize(
+    ("listen", "token"),
+    [
+        ("127.0.0.1:9180", None),
+        ("[::1]:9180", None),
+        ("localhost:9180", None),
+        ("off", None),
+        (":9180", "s3"),
+    ],
+)
+def test_admin_listener_on_loopback_off_or_with_token(listen: str, token: str | None) -> None:
+    text = BASE + f'[admin]\nlisten = "{listen}"\n' + (f'token = "{token}"\n' if token else "")
+    assert load_config_text(text, env={}).admin.listen == listen

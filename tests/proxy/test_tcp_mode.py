@@ -1,6 +1,7 @@
 """TCP mode end to end: a real gateway on loopback, real clients, real backends (SPEC §4)."""
 
 import asyncio
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -210,7 +211,8 @@ async def test_max_conns_per_user_across_listeners(files: GatewayFiles) -> None:
     assert all("53300" not in r["reason"] for r in refusals)
 
 
-async def test_max_conns_per_listener(files: GatewayFiles) -> None:
+async def test_max_conns_per_listener(files: GatewayFiles, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ferryman")
     async with EchoServer() as echo:
         a = files.add_listener("a", echo.address)
         b = files.add_listener("b", echo.address)
@@ -221,6 +223,22 @@ async def test_max_conns_per_listener(files: GatewayFiles) -> None:
             assert await refused(a)
             assert await roundtrip(b) == b"ping"  # other listener unaffected
             held[1].close()
+            await wait_for(lambda: not gw.runtime.sessions)
+            assert await roundtrip(a) == b"ping"  # the slot is free again
+            await wait_for(lambda: len(files.closes()) == 3)
+        assert echo.connections == 3  # the refused connection never reached the backend
+    # "Each refusal or cut is logged and audited with its limit."
+    (refusal,) = [r for r in files.audit() if r["event"] == "decision" and not r["allowed"]]
+    assert (refusal["listener"], refusal["user"], refusal["outcome"]) == ("a", "dev@localhost", "limit")
+    assert refusal["limit"] == "max_conns"
+    assert refusal["reason"] == "max_conns: 1 concurrent connections to a"
+    assert "53300" not in refusal["reason"]
+    assert any(
+        r.getMessage().startswith("refused 127.0.0.1:")
+        and r.getMessage().endswith(f"on a: {refusal['reason']}")
+        for r in caplog.records
+    )
+    assert all(c["reason"] == "normal" for c in files.closes())
 
 
 async def test_max_bytes_per_conn_cuts_connection(files: GatewayFiles) -> None:
@@ -316,6 +334,55 @@ async def test_revalidation_closes_connection_when_policy_file_changes(files: Ga
             await wait_for(lambda: any(c["listener"] == "keep" for c in files.closes()))
     revoked = [c for c in files.closes() if c["reason"] == "revoked"]
     assert [c["listener"] for c in revoked] == ["lose"]
+
+
+async def test_revalidation_closes_connection_whose_identity_changed(files: GatewayFiles) -> None:
+    """A reload maps a client address to another user: its live connection, admitted for the
+    old user, is closed (``revoked``) even though the new user holds a grant too -- the
+    connection is not handed over to someone else. Other addresses keep their connections,
+    and a new connection from the remapped address is admitted as the new user."""
+    files.revalidation = "200ms"
+    moved = ("127.0.0.2", 0)
+    async with EchoServer() as echo:
+        port = files.add_listener("echo", echo.address)
+        files.grants.append(grant({"echo": {}}))  # src "*": both users may use the listener
+        async with running_gateway(files) as gateway:
+            kept = await connect(port)
+            remapped = await asyncio.open_connection("127.0.0.1", port, local_addr=moved)
+            for reader, writer in (kept, remapped):
+                writer.write(b"hello")
+                assert await reader.readexactly(5) == b"hello"
+            assert {s.identity.user for s in gateway.runtime.sessions} == {"dev@localhost"}
+
+            files.static.append({"cidr": "127.0.0.2/32", "user": "ops@localhost", "groups": ["ops"]})
+            files.write()
+            assert await gateway.reload()
+            assert await read_until_closed(remapped[0]) == b""
+            remapped[1].close()
+            kept[1].write(b"still here")  # 127.0.0.1 still maps to the same user
+            assert await kept[0].readexactly(10) == b"still here"
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=moved)
+            writer.write(b"again")
+            assert await reader.readexactly(5) == b"again"
+            writer.close()
+            kept[1].close()
+            await wait_for(lambda: len(files.closes()) == 3)
+    revoked, *others = sorted(files.closes(), key=lambda c: c["reason"] != "revoked")
+    assert revoked["reason"] == "revoked" and revoked["closed_by"] == "gateway"
+    assert revoked["detail"] == "identity changed from dev@localhost to ops@localhost"
+    assert revoked["user"] == "dev@localhost" and revoked["source"].startswith("127.0.0.2:")
+    assert revoked["bytes_up"] == revoked["bytes_down"] == 5
+    assert sorted((c["reason"], c["user"]) for c in others) == [
+        ("normal", "dev@localhost"),
+        ("normal", "ops@localhost"),
+    ]
+    admitted = [r for r in files.audit() if r["event"] == "decision" and r["allowed"]]
+    assert [(r["user"], r["source"].split(":")[0]) for r in admitted] == [
+        ("dev@localhost", "127.0.0.1"),
+        ("dev@localhost", "127.0.0.2"),
+        ("ops@localhost", "127.0.0.2"),
+    ]
 
 
 async def test_revalidation_applies_changed_limits(files: GatewayFiles) -> None:

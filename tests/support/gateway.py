@@ -59,6 +59,8 @@ class GatewayFiles:
     )
     extra: str = ""
     revalidation: str = "0"
+    admin_listen: str = "off"
+    """``[admin] listen`` (off unless a test asks: tests must not compete for port 9180)."""
 
     @property
     def config_path(self) -> Path:
@@ -89,6 +91,8 @@ class GatewayFiles:
             "[shutdown]",
             'grace = "2s"',
         ]
+        if "[admin]" not in self.extra:
+            lines += ["[admin]", f"listen = {toml_value(self.admin_listen)}"]
         for entry in self.static:
             lines.append("[[identity.static]]")
             lines.extend(f"{k} = {toml_value(v)}" for k, v in entry.items())

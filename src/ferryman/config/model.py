@@ -2,7 +2,8 @@
 
 Owns: frozen pydantic models mirroring the TOML file (SPEC §2), unit conversion of durations
 and sizes, and checks that span several keys (duplicate listener names, two listeners on one
-address, identity sources that are named but not configured).
+address, identity sources that are named but not configured, ``client_auth`` where no TLS is
+terminated).
 
 Must not: read files or the environment (``config.load`` does), or be imported by the
 sans-I/O cores (pgwire, tlshello, policy.engine): they take plain values.
@@ -66,13 +67,28 @@ class StateConfig(_Model):
 
 class AdminConfig(_Model):
     listen: str = "127.0.0.1:9180"
+    """Where ``/metrics`` and ``/healthz`` (and later the REST API) are served; ``"off"``: nowhere."""
     token: str | None = Field(default=None, repr=False)
 
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        split_hostport(value)
+        if value != "off":
+            split_hostport(value)
         return value
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether only this machine can reach the admin listener (or there is none)."""
+        if self.listen == "off":
+            return True
+        host, _ = split_hostport(self.listen)
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            return False  # "" (every interface) or a name
 
 
 class RevalidationConfig(_Model):
@@ -261,7 +277,9 @@ class ListenerConfig(_Model):
     """The tailnet name to fetch a certificate for (default: tailscaled's first CertDomain)."""
     client_auth: Literal["none", "want", "need"] = "none"
     """Ask for a client certificate (``want``) or require one (``need``), verified against
-    ``client_ca_file`` or ``[identity.mtls] ca_file``; a verified one can be the mtls identity."""
+    ``client_ca_file`` or ``[identity.mtls] ca_file``; a verified one can be the mtls identity.
+    Only where the gateway terminates TLS: ``tls = "enabled"`` (TCP), ``tls_mode`` other than
+    ``off`` (PostgreSQL; ``need`` requires ``tls_mode = "require"``)."""
     client_ca_file: str | None = None
     session_tickets: bool | None = None
     """TLS 1.3 session tickets (one per full handshake) so clients can resume. Default: on
@@ -329,6 +347,40 @@ class ListenerConfig(_Model):
         return self.tls == "enabled" or (self.mode == "postgres" and self.tls_mode != "off")
 
 
+def _check_admin(admin: AdminConfig) -> None:
+    if not admin.loopback_only and not admin.token:
+        raise ValueError(
+            f"@admin.listen: {admin.listen!r} is reachable from other machines: set [admin] token "
+            '(e.g. token = "${FERRYMAN_ADMIN_TOKEN}") or listen on a loopback address'
+        )
+
+
+def _check_client_auth(index: int, listener: ListenerConfig) -> None:
+    """A client certificate is only asked for in a TLS handshake the gateway terminates:
+    ``client_auth`` where none is terminated (or where a client may skip it) would be a
+    setting that silently checks nothing."""
+    value = listener.client_auth
+    if value == "none":
+        return
+    key = f"@listeners.{index}.client_auth"
+    if listener.mode == "tcp" and listener.tls != "enabled":
+        raise ValueError(
+            f'{key}: "{value}" needs tls = "enabled" (with tls = "{listener.tls}" the gateway '
+            "terminates no TLS, so no client certificate would ever be checked)"
+        )
+    if listener.mode == "postgres" and listener.tls_mode == "off":
+        wanted = '"require"' if value == "need" else '"optional" or "require"'
+        raise ValueError(
+            f'{key}: "{value}" needs tls_mode = {wanted} (with tls_mode = "off" the gateway '
+            "terminates no TLS, so no client certificate would ever be checked)"
+        )
+    if listener.mode == "postgres" and value == "need" and listener.tls_mode != "require":
+        raise ValueError(
+            f'{key}: "need" needs tls_mode = "require" (with tls_mode = "{listener.tls_mode}" '
+            "a plaintext client would skip the certificate check)"
+        )
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -360,6 +412,7 @@ class Config(_Model):
     def _cross_checks(self) -> Config:
         # Each problem is raised as a ValueError whose first word is a key path, so the loader
         # can point at the right line ("listeners[1].name: duplicate listener name").
+        _check_admin(self.admin)
         seen_names: dict[str, int] = {}
         seen_addrs: dict[tuple[str, int], int] = {}
         configured = set(self.configured_sources())
@@ -413,6 +466,7 @@ class Config(_Model):
                 )
             if listener.use_tailscale_tls and self.tailscale is None:
                 raise ValueError(f"@listeners.{index}.use_tailscale_tls: needs a [tailscale] section")
+            _check_client_auth(index, listener)
             if listener.client_auth != "none" and not (
                 listener.client_ca_file or (self.identity.mtls and self.identity.mtls.ca_file)
             ):

@@ -8,6 +8,20 @@ and telling PostgreSQL from CockroachDB.
 Must not: decide what to provision (``provisioner``/``sweeper`` do) or build SQL text other
 than the lock statements (``statements`` does).
 
+Opening, and a backend that is down:
+
+* :meth:`Backend.open` is one bounded attempt (``connect_timeout``): a single direct
+  connection learns the server (so a refused or unreachable backend fails at once, not after a
+  pool's retries), then a *fresh* admin pool is opened. psycopg_pool closes a pool for good
+  when its first fill times out, so a failed attempt leaves no pool behind and the next
+  ``open()`` starts over with a new one; nothing stays broken once the backend is back.
+  Callers decide when to call it (the gateway: lazily, never on its start-up path).
+* Once open, every pool waits at most ``connect_timeout`` for a connection
+  (``PoolTimeout``, an ``OperationalError``), retries a lost backend for at most that long
+  between attempts (``reconnect_timeout``; after giving up, the next request starts a new
+  attempt at once), and checks a pooled connection before handing it out, so connections
+  cut by a backend restart are replaced instead of failing a provisioning round.
+
 Locks, and why each exists:
 
 * per role -- ``pg_advisory_xact_lock(k(role))`` in the admin database, so the parallel
@@ -91,22 +105,18 @@ class Backend:
         admin_pool_size: int = 4,
         db_pool_size: int = 2,
         max_db_pools: int = 16,
+        connect_timeout: float = 10.0,
     ) -> None:
         self._conninfo = admin_conninfo
+        self._admin_pool_size = admin_pool_size
         self._db_pool_size = db_pool_size
         self._max_db_pools = max_db_pools
-        self._admin = AsyncConnectionPool(
-            admin_conninfo,
-            connection_class=psycopg.AsyncConnection[tuple[object, ...]],
-            min_size=1,
-            max_size=admin_pool_size,
-            open=False,
-            kwargs={"autocommit": True},
-            name="ferryman-provision-admin",
-        )
+        self._connect_timeout = connect_timeout
+        self._admin: AsyncConnectionPool[Conn] | None = None
         self._db_pools: OrderedDict[str, _DbPool] = OrderedDict()
         self._pools_lock = asyncio.Lock()
         self._info: ServerInfo | None = None
+        self._closed = False
 
     @property
     def info(self) -> ServerInfo:
@@ -118,32 +128,82 @@ class Backend:
     def cockroach(self) -> bool:
         return self.info.flavor == "cockroach"
 
-    async def open(self, timeout: float = 30.0) -> ServerInfo:
-        """Open the admin pool and learn who and what we are talking to."""
+    async def open(self) -> ServerInfo:
+        """Learn who and what we are talking to and open the admin pool: one attempt, bounded
+        by ``connect_timeout``. Raises :class:`BackendUnavailable`; a later call tries afresh."""
+        if self._admin is not None:
+            return self.info
+        if self._closed:
+            raise BackendUnavailable("provisioning backend is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
         try:
-            await self._admin.open(wait=True, timeout=timeout)
+            async with asyncio.timeout_at(deadline):
+                info = await self._probe()
+        except TimeoutError:
+            raise BackendUnavailable(f"timed out after {self._connect_timeout:g}s") from None
         except psycopg.OperationalError as exc:
-            raise BackendUnavailable(f"provisioning admin connection failed: {exc}") from exc
-        async with self._admin.connection() as conn:
+            raise BackendUnavailable(str(exc)) from exc
+        pool = self._pool(self._conninfo, min_size=1, max_size=self._admin_pool_size, name="admin")
+        try:
+            await pool.open(wait=True, timeout=max(1.0, deadline - loop.time()))
+            if self._closed:  # closed while we were connecting: keep nothing
+                raise BackendUnavailable("provisioning backend is closed")
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, psycopg.OperationalError):
+                raise BackendUnavailable(f"admin pool: {exc}") from exc
+            raise
+        self._admin, self._info = pool, info
+        return info
+
+    async def _probe(self) -> ServerInfo:
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        async with conn:
             cur = await conn.execute("SELECT version(), current_user, current_database()")
             version, user, database = await _one(cur)
         flavor: Flavor = "cockroach" if "CockroachDB" in str(version) else "postgres"
-        self._info = ServerInfo(flavor, str(version), str(user), str(database))
-        return self._info
+        return ServerInfo(flavor, str(version), str(user), str(database))
+
+    def _pool(
+        self, conninfo: str, *, min_size: int, max_size: int, name: str, max_idle: float = 600.0
+    ) -> AsyncConnectionPool[Conn]:
+        return AsyncConnectionPool(
+            conninfo,
+            connection_class=psycopg.AsyncConnection[tuple[object, ...]],
+            min_size=min_size,
+            max_size=max_size,
+            max_idle=max_idle,
+            open=False,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            timeout=self._connect_timeout,
+            reconnect_timeout=self._connect_timeout,
+            name=f"ferryman-provision-{name}",
+        )
+
+    def _admin_pool(self) -> AsyncConnectionPool[Conn]:
+        if self._admin is None:
+            raise RuntimeError("Backend.open() has not run")
+        return self._admin
 
     async def close(self) -> None:
+        """Close every pool; an ``open()`` still in flight keeps nothing (see :meth:`open`)."""
+        self._closed = True
         async with self._pools_lock:
             pools = [p.pool for p in self._db_pools.values()]
             self._db_pools.clear()
+        if self._admin is not None:
+            pools.append(self._admin)
+            self._admin = None
         for pool in pools:
             await pool.close()
-        await self._admin.close()
 
     @contextlib.asynccontextmanager
     async def connection(self, database: str | None = None) -> AsyncIterator[Conn]:
         """A pooled autocommit connection to ``database`` (default: the admin database)."""
         if database is None or database == self.info.admin_database:
-            async with self._admin.connection() as conn:
+            async with self._admin_pool().connection() as conn:
                 yield conn
             return
         entry = await self._db_pool(database)
@@ -157,18 +217,17 @@ class Backend:
         async with self._pools_lock:
             entry = self._db_pools.get(database)
             if entry is None:
+                if self._closed:
+                    raise BackendUnavailable("provisioning backend is closed")
                 params = conninfo_to_dict(self._conninfo)
                 params["dbname"] = database
                 entry = _DbPool(
-                    AsyncConnectionPool(
+                    self._pool(
                         make_conninfo("", **params),
-                        connection_class=psycopg.AsyncConnection[tuple[object, ...]],
                         min_size=0,
                         max_size=self._db_pool_size,
+                        name=f"db-{len(self._db_pools)}",
                         max_idle=60.0,
-                        open=False,
-                        kwargs={"autocommit": True},
-                        name=f"ferryman-provision-db-{len(self._db_pools)}",
                     )
                 )
                 await entry.pool.open(wait=False)
@@ -229,7 +288,7 @@ class Backend:
             yield True
             return
         key = lock_key("role:" + role)
-        async with self._admin.connection() as conn:
+        async with self._admin_pool().connection() as conn:
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
             (got,) = await _one(cur)
             try:

@@ -88,6 +88,9 @@ class ProvisionerSettings:
     """Owner of a swept role's objects; default: the admin user."""
     timeout: float = 30.0
     """Bound on one provisioning round (all its transactions)."""
+    connect_timeout: float = 10.0
+    """Bound on reaching the backend: one :meth:`Provisioner.open` attempt's connection, and
+    each wait for a pooled connection; past it the backend counts as unavailable."""
     admin_pool_size: int = 4
     db_pool_size: int = 2
     max_db_pools: int = 16
@@ -159,6 +162,7 @@ class Provisioner:
             admin_pool_size=self.settings.admin_pool_size,
             db_pool_size=self.settings.db_pool_size,
             max_db_pools=self.settings.max_db_pools,
+            connect_timeout=self.settings.connect_timeout,
         )
         self._key = self.settings.password_key or secrets.token_bytes(32)
         self.key_id = hashlib.sha256(b"ferryman-key-id\x00" + self._key).hexdigest()[:16]
@@ -172,7 +176,10 @@ class Provisioner:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> ServerInfo:
-        """Connect, detect the flavour, create the registry table and the marker role once."""
+        """Connect, detect the flavour, create the registry table and the marker role once.
+
+        Raises :class:`~ferryman.errors.BackendUnavailable` when the backend cannot be reached
+        within ``connect_timeout``; calling ``open()`` again after a failure tries afresh."""
         info = await self.backend.open()
         if info.flavor == "cockroach" and self.settings.password_format == "md5":
             raise ValueError("CockroachDB stores SCRAM verifiers only; password_format must be scram-sha-256")

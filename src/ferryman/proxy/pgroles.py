@@ -7,6 +7,14 @@ failures to gateway errors (admin connection down → 08006, anything else → 5
 in the log), terminating a backend session (for a revoked grant), and the periodic sweep of
 idle managed roles; the :class:`~ferryman.proxy.pgpool.BackendPool` of kept backend sessions.
 
+Opening is lazy and never on the gateway's start-up path: the first connection that needs a
+backend opens its provisioner (one attempt, bounded by the listener's ``dial_timeout``;
+concurrent connections share that attempt and its outcome), and the listener's background
+task (:meth:`ListenerRoles.run`) tries the fixed backend once at start so a configuration
+problem shows in the log. A failed attempt leaves nothing behind: while the backend is down
+each connection gets 08006 within ``dial_timeout``, and the first one after it is back opens
+a fresh admin pool -- no restart or reload needed.
+
 Must not: build SQL for roles (``provision`` does) or know about client connections.
 """
 
@@ -70,6 +78,7 @@ class PgRoles:
                 user_ttl=pg.user_ttl,
                 reassign_to=pg.admin_user,
                 password_format=pg.password_encryption,
+                connect_timeout=listener.dial_timeout,
             ),
         )
         self.sweep_interval = pg.sweep_interval
@@ -80,12 +89,25 @@ class PgRoles:
             max_idle=pg.backend_max_idle if pg.reuse_backend_sessions else 0,
         )
         self._opened = False
+        self._opening = asyncio.Lock()
+        self._attempts = 0
+        self._failure = ""
 
     async def open(self) -> None:
-        try:
-            info = await self.provisioner.open()
-        except psycopg.Error as exc:
-            raise BackendUnavailable(f"admin connection for {self.listener} failed: {exc}") from exc
+        """Open the provisioner unless it is open. Callers that queued behind an attempt get
+        its failure rather than each making one more (so a burst waits one ``dial_timeout``)."""
+        seen = self._attempts
+        async with self._opening:
+            if self._opened:
+                return
+            if self._attempts != seen:
+                raise BackendUnavailable(self._failure)
+            try:
+                info = await self.provisioner.open()
+            except (psycopg.Error, BackendUnavailable) as exc:
+                self._failure = f"admin connection for {self.listener} failed: {exc}"
+                self._attempts += 1  # counts finished attempts only: a cancelled one tells nothing
+                raise BackendUnavailable(self._failure) from exc
         self._opened = True
         logger.info("listener %s: provisioning on %s", self.listener, info)
 
@@ -150,19 +172,30 @@ class ListenerRoles:
         self.config = listener
         self.sweep_interval = listener.postgres.sweep_interval
         self._by_backend: dict[tuple[str, int], PgRoles] = {}
+        self._closed = False
+        if listener.backend is not None:
+            self.for_backend(*listener.backend_address)  # no I/O: opened by run() or a connection
 
     def for_backend(self, host: str, port: int) -> PgRoles:
         roles = self._by_backend.get((host, port))
         if roles is None:
+            if self._closed:  # replaced by a reload: a late connection must not open new pools
+                raise BackendUnavailable(f"listener {self.config.name}: provisioners closed")
             roles = self._by_backend[(host, port)] = PgRoles(self.config, host, port)
         return roles
 
-    async def open(self) -> None:
-        """Connect to the fixed backend now, so configuration problems show at start."""
+    async def run(self, live_roles: Callable[[], Collection[str]]) -> None:
+        """The listener's background task: open the fixed backend's provisioner once (a failure
+        is logged; connections retry on their own), then sweep forever."""
         if self.config.backend is not None:
-            await self.for_backend(*self.config.backend_address).open()
+            try:
+                await self.for_backend(*self.config.backend_address).open()
+            except FerrymanError as exc:
+                logger.error("listener %s: %s (connections will retry)", self.config.name, exc)
+        await self.sweep_forever(live_roles)
 
     async def close(self) -> None:
+        self._closed = True
         for roles in self._by_backend.values():
             await roles.close()
         self._by_backend.clear()

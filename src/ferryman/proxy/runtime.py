@@ -1,8 +1,8 @@
 """The gateway's shared runtime state, handed to every connection handler.
 
 Owns: :class:`Runtime` -- the current access generation, the limit tracker, the session
-registry, the audit log, the draining flag -- and the audit records every mode writes the same
-way (refusals, closes).
+registry, the audit log, the metrics, the draining flag -- and the audit records (and metric
+counts) every mode writes the same way (refusals, closes).
 
 Must not: start or stop anything (``ferryman.app`` does) or import connection handlers.
 """
@@ -20,6 +20,7 @@ from ferryman.config.model import Config, ListenerConfig, TargetConfig
 from ferryman.errors import AccessDenied, FerrymanError, LimitExceeded
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.limits.tracker import LimitTracker
+from ferryman.metrics import Metrics
 from ferryman.proxy.access import Access
 from ferryman.proxy.relay import CloseInfo
 from ferryman.proxy.session import Session, SessionRegistry
@@ -47,6 +48,7 @@ class Runtime:
     audit: AuditLog
     tracker: LimitTracker = field(default_factory=LimitTracker)
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     splice: bool = False
     """Bulk plaintext relays use splice(2) (``serve --splice``) instead of copying."""
@@ -119,6 +121,7 @@ class Runtime:
             extra={"conn_id": conn_id, "listener": listener.name, "outcome": kind},
         )
         self.audit.write("decision", **fields)
+        self.metrics.decided(listener.name, listener.mode, kind)
 
     def audit_admitted(
         self,
@@ -143,6 +146,7 @@ class Runtime:
             **mode_fields,
             grants=list(origins),
         )
+        self.metrics.decided(listener.name, listener.mode, "allowed")
 
     def session_closed(self, session: Session, info: CloseInfo) -> None:
         self.sessions.remove(session)
@@ -154,6 +158,14 @@ class Runtime:
         if info.reason == "limit":
             record["limit"] = info.detail.split(" ", 1)[0].rstrip(":")
         self.audit.write("close", **record)
+        self.metrics.closed(
+            session.listener,
+            session.mode,
+            info.reason,
+            record["bytes_up"],
+            record["bytes_down"],
+            record["duration"],
+        )
         if info.reason not in ("normal",):
             logger.info(
                 "closed %s (%s) on %s: %s %s",

@@ -242,6 +242,7 @@ async def serve_tcp(
             closed_by="backend",
             detail=str(exc),
         )
+        rt.metrics.closed(listener.name, "tcp", "backend_error", 0, 0, 0.0)
         return
     except BaseException:
         lease.release()
