@@ -127,6 +127,9 @@ class Gateway:
             audit=AuditLog(config.audit.file),
             splice=splice,
         )
+        # Listener policies (SPEC §3) are read from the running listeners' configuration,
+        # which this class keeps current (start, reload).
+        self.runtime.access.listeners = self.runtime.listeners
         self.listeners: dict[str, Listener] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweepers: dict[str, asyncio.Task[Any]] = {}

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from ferryman.policy.pplfield import ListenerPolicyField
 from ferryman.units import parse_duration, parse_size
 
 
@@ -289,6 +290,9 @@ class ListenerConfig(_Model):
     """PostgreSQL listeners: TLS to the backend via SSLRequest; verify-full checks CA and name."""
     backend_ca_file: str | None = None
     postgres: PostgresConfig | None = None
+    policy: ListenerPolicyField = None
+    """Pomerium Policy Language (SPEC §3, ``policy.ppl``): a connection must satisfy it as well
+    as hold a grant; ``deny`` always wins. Absent or empty: no condition beyond the grant."""
 
     @field_validator("listen")
     @classmethod

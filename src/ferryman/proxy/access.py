@@ -1,9 +1,10 @@
 """Admission: who is this, may they use this listener, and within which limits?
 
 Owns: :class:`Access`, which runs a listener's identity sources in order, evaluates grants
-with the pure engine (local policy plus capabilities carried by the identity), and re-checks
-live sessions for revalidation. It holds the *current* policy and sources; a reload swaps them
-in one assignment, so a decision always sees one consistent generation.
+with the pure engine (local policy plus capabilities carried by the identity), applies the
+listener's own ``policy`` (Pomerium Policy Language, :mod:`ferryman.policy.ppl`) on top, and
+re-checks live sessions for revalidation. It holds the *current* policy and sources; a reload
+swaps them in one assignment, so a decision always sees one consistent generation.
 
 Must not: touch sockets or write audit records (callers do, knowing the outcome).
 """
@@ -14,13 +15,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ferryman.errors import AccessDenied, IdentityUnavailable
 from ferryman.identity.base import Identity, IdentitySource, PeerInfo
 from ferryman.policy.engine import Authorization, authorize
 from ferryman.policy.model import CapGrant, Policy
 from ferryman.policy.parse import parse_cap_values
+from ferryman.policy.ppl import ListenerPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,40 @@ class AccessGeneration:
     """This policy's decisions (an Authorization, or a denial's reason and client message) for
     identities that carry no grants. The engine is a pure function of the key and the policy,
     so a repeat caller gets the same answer without re-walking every rule; a reload brings a
-    new generation and with it an empty memo."""
+    new generation and with it an empty memo. Listener policies are never remembered here:
+    they may read the clock and the identity's claims, which the key does not hold."""
 
+
+class ListenerSettings(Protocol):
+    """What :class:`Access` reads from a listener's configuration (``ListenerConfig``)."""
+
+    @property
+    def policy(self) -> ListenerPolicy | None: ...
+
+
+POLICY_CLIENT_MESSAGE = "refused by this service's access policy"
 
 _CAPS_MEMO_SIZE = 1024
 _AUTH_MEMO_SIZE = 4096
 
 
 class Access:
-    def __init__(self, generation: AccessGeneration) -> None:
+    def __init__(
+        self,
+        generation: AccessGeneration,
+        *,
+        listeners: Mapping[str, ListenerSettings] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.generation = generation
+        self.listeners: Mapping[str, ListenerSettings] = {} if listeners is None else listeners
+        """The running listeners' configuration by name, read for their ``policy`` on every
+        decision. The gateway passes its ``Runtime.listeners`` here (the same dict, kept
+        current by start and reload), so a reload's listener configuration -- and with it a
+        changed policy -- applies to the next decision and the next revalidation. A listener
+        missing from it has no policy."""
+        self.clock = clock
+        """Wall-clock time in Unix seconds, for ``day_of_week`` and ``time_of_day``."""
         self._caps_memo: dict[int, tuple[tuple[Any, ...], str, list[CapGrant], list[str]]] = {}
         """id(grants) → (grants, source, parsed, problems). A Tailscale source hands out the same
         grants tuple for every connection of a peer whose WhoIs answer did not change; parsing it
@@ -106,26 +132,36 @@ class Access:
         return list(caps)
 
     def authorize(self, identity: Identity, peer: PeerInfo, listener: str) -> Authorization:
-        """Raises :class:`AccessDenied` when no grant names ``listener``."""
+        """Raises :class:`AccessDenied` when no grant names ``listener``, or when the
+        listener's ``policy`` refuses the connection (checked after the grants, every time:
+        it may depend on the time of day, so revalidation closes a session whose window has
+        ended)."""
         generation = self.generation
         if identity.grants:  # carried capabilities: decided afresh (their memo is by identity)
-            return authorize(
+            auth = authorize(
                 identity, peer.remote_ip, listener, generation.policy, self.carried_caps(identity)
             )
-        memo = generation.decisions
-        key = (identity.user, identity.groups, identity.tags, peer.remote_host, listener)
-        decided = memo.get(key)
-        if decided is None:
-            try:
-                decided = authorize(identity, peer.remote_ip, listener, generation.policy)
-            except AccessDenied as exc:
-                decided = (exc.reason, exc.client_message)  # not the exception: no traceback kept
-            if len(memo) >= _AUTH_MEMO_SIZE:
-                del memo[next(iter(memo))]
-            memo[key] = decided
-        if isinstance(decided, tuple):
-            raise AccessDenied(decided[0], client_message=decided[1])
-        return decided
+        else:
+            memo = generation.decisions
+            key = (identity.user, identity.groups, identity.tags, peer.remote_host, listener)
+            decided = memo.get(key)
+            if decided is None:
+                try:
+                    decided = authorize(identity, peer.remote_ip, listener, generation.policy)
+                except AccessDenied as exc:
+                    decided = (exc.reason, exc.client_message)  # not the exception: no traceback kept
+                if len(memo) >= _AUTH_MEMO_SIZE:
+                    del memo[next(iter(memo))]
+                memo[key] = decided
+            if isinstance(decided, tuple):
+                raise AccessDenied(decided[0], client_message=decided[1])
+            auth = decided
+        settings = self.listeners.get(listener)
+        if settings is not None and settings.policy is not None:
+            verdict = settings.policy.evaluate(identity, peer.remote_ip, self.clock())
+            if not verdict.allowed:
+                raise AccessDenied(verdict.reason, client_message=POLICY_CLIENT_MESSAGE)
+        return auth
 
     async def admit(
         self, peer: PeerInfo, listener: str, source_names: Sequence[str]
