@@ -26,6 +26,7 @@ from tests.support.gateway import (
     refused,
     roundtrip,
     running_gateway,
+    started_gateway,
     wait_for,
 )
 
@@ -134,12 +135,7 @@ async def test_healthz_is_ok_while_serving_and_503_while_draining(tmp_path: Path
     async with EchoServer() as echo:
         port = files.add_listener("echo", echo.address)
         files.grants.append(grant({"echo": {}}))
-        files.write()
-        from ferryman.app import Gateway
-        from ferryman.config.load import load_config
-
-        gateway = Gateway(load_config(files.config_path), config_path=str(files.config_path))
-        await gateway.start()
+        gateway = await started_gateway(files)
         status, content_type, body = await http_get(admin, "/healthz")
         assert (status, content_type) == (200, "application/json")
         health = json.loads(body)

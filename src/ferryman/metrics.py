@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -106,6 +107,18 @@ def _version() -> str:
         return "unknown"
 
 
+_Key = TypeVar("_Key", bound=tuple[str, ...])
+
+
+def _counter(
+    name: str, documentation: str, labels: tuple[str, ...], values: Mapping[_Key, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(key, value)
+    return family
+
+
 class _Collector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -117,32 +130,24 @@ class _Collector(Collector):
         info.add_metric([], {"version": self.version})
         yield info
 
-        decisions = CounterMetricFamily(
+        yield _counter(
             "ferryman_connections",
             "Connections decided, by outcome: allowed, or the kind of refusal.",
-            labels=("listener", "mode", "outcome"),
+            ("listener", "mode", "outcome"),
+            m.decisions,
         )
-        for key, value in sorted(m.decisions.items()):
-            decisions.add_metric(key, value)
-        yield decisions
-
-        closes = CounterMetricFamily(
+        yield _counter(
             "ferryman_connections_closed",
             "Admitted connections that ended, by close reason.",
-            labels=("listener", "mode", "reason"),
+            ("listener", "mode", "reason"),
+            m.closes,
         )
-        for key, value in sorted(m.closes.items()):
-            closes.add_metric(key, value)
-        yield closes
-
-        moved = CounterMetricFamily(
+        yield _counter(
             "ferryman_bytes",
             "Bytes relayed by connections that ended (up: client to backend).",
-            labels=("listener", "mode", "direction"),
+            ("listener", "mode", "direction"),
+            m.bytes,
         )
-        for key, value in sorted(m.bytes.items()):
-            moved.add_metric(key, value)
-        yield moved
 
         durations = HistogramMetricFamily(
             "ferryman_connection_duration_seconds",
@@ -167,12 +172,12 @@ class _Collector(Collector):
             active.add_metric(pair, value)
         yield active
 
-        reloads = CounterMetricFamily(
-            "ferryman_config_reloads", "Configuration reloads, by result.", labels=("result",)
+        yield _counter(
+            "ferryman_config_reloads",
+            "Configuration reloads, by result.",
+            ("result",),
+            {(result,): value for result, value in m.reloads.items()},
         )
-        for result, value in sorted(m.reloads.items()):
-            reloads.add_metric((result,), value)
-        yield reloads
         yield GaugeMetricFamily(
             "ferryman_config_last_reload_success_timestamp_seconds",
             "When the running configuration was loaded (start or the last successful reload).",

@@ -4,6 +4,7 @@ serves the next client normally (SPEC §5 step 1, CVE-2021-23214 class)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import asyncpg
 import pytest
 
 from tests.pg.conftest import APPDB, listener_port, pg_files, pg_grant
-from tests.support.gateway import running_gateway
+from tests.support.gateway import running_gateway, wait_for
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.pg
@@ -145,3 +146,45 @@ async def test_handshake_timeout(tmp_path: Path, cluster: PgCluster) -> None:
             assert await reader.read() == b""
         assert loop.time() - started < 3
         writer.close()
+
+
+async def test_handshake_failures_are_audited(tmp_path: Path, cluster: PgCluster) -> None:
+    """A start-up that never completes still leaves a decision record, as every refusal does."""
+    files = pg_files(tmp_path, cluster, prefix="ab_", postgres={"handshake_timeout": "500ms"})
+    async with running_gateway(files):
+        port = listener_port(files)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # says nothing
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        assert await exchange(port, struct.pack("!i", 40) + b"\x00\x03") in (b"", b"<reset>")  # cut short
+        await wait_for(lambda: len(files.audit()) == 2)
+    silent, truncated = files.audit()
+    assert silent["allowed"] is False and silent["outcome"] == "protocol"
+    assert silent["reason"] == "no complete start-up within 0.5s"
+    assert truncated["outcome"] == "protocol" and "start-up" in truncated["reason"]
+
+
+async def test_a_client_reset_during_a_backend_refusal_does_not_keep_its_max_conns_slot(
+    tmp_path: Path, cluster: PgCluster
+) -> None:
+    """The backend refuses the login (22023: bad client_encoding) and the client is already gone
+    (RST): the refusal is still audited and the connection's max_conns slot freed, so the next
+    connection of the same person is not refused with 53300."""
+    files = pg_files(tmp_path, cluster, prefix="ab_")
+    files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}, limits={"max_conns": 1}))
+    async with running_gateway(files) as gateway:
+        port = listener_port(files)
+        bad = startup({"user": "x", "database": APPDB, "client_encoding": "nope"})
+        for attempt in (1, 2):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(bad)
+            sock.close()  # RST before the gateway answers
+            await wait_for(lambda attempt=attempt: len(files.audit()) == attempt)
+        assert gateway.runtime.tracker.connections("dev@localhost") == 0
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="x", database=APPDB, ssl=False)
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+    refusals = [r for r in files.audit() if r["event"] == "decision" and not r["allowed"]]
+    assert len(refusals) == 2 and all("client_encoding" in r["reason"] for r in refusals)

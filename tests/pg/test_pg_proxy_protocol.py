@@ -28,7 +28,7 @@ import psycopg
 import pytest
 
 from tests.pg.conftest import APPDB, listener_port, pg_files, pg_grant
-from tests.support.gateway import free_port, running_gateway, wait_for
+from tests.support.gateway import free_port, port_in_use, running_gateway, wait_for
 from tests.support.pgcluster import PgCluster
 
 pytestmark = pytest.mark.pg
@@ -162,15 +162,6 @@ async def test_backend_connections_carry_the_clients_address(
     assert hop.plain >= 1  # the provisioner's admin connections: no header
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
-
-
 @contextlib.asynccontextmanager
 async def haproxy_in_front(tmp_path: Path, port: int, source: str) -> AsyncIterator[int]:
     """Debian's HAProxy on a free port, sending PROXY v2 to ``port`` from ``source``."""
@@ -186,7 +177,7 @@ async def haproxy_in_front(tmp_path: Path, port: int, source: str) -> AsyncItera
         HAPROXY, "-db", "-f", str(config), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        await wait_for(lambda: _listening(lb_port) or proc.returncode is not None)
+        await wait_for(lambda: port_in_use(lb_port) or proc.returncode is not None)
         assert proc.returncode is None, "haproxy exited"
         yield lb_port
     finally:

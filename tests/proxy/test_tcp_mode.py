@@ -19,6 +19,7 @@ from tests.support.gateway import (
     refused,
     roundtrip,
     running_gateway,
+    started_gateway,
     wait_for,
 )
 
@@ -457,11 +458,7 @@ async def test_shutdown_drains_then_closes_with_reason(files: GatewayFiles) -> N
     async with EchoServer() as echo:
         port = files.add_listener("echo", echo.address)
         files.grants.append(grant({"echo": {}}))
-        files.write()
-        from ferryman.config.load import load_config
-
-        gateway = Gateway(load_config(files.config_path))
-        await gateway.start()
+        gateway = await started_gateway(files)
         short = await connect(port)
         long = await connect(port)
         await wait_for(lambda: len(gateway.runtime.sessions) == 2)
@@ -491,11 +488,7 @@ async def test_shutdown_drains_connections_of_a_rebound_listener_and_ends_with_t
     async with EchoServer() as echo:
         port = files.add_listener("echo", echo.address)
         files.grants.append(grant({"echo": {}}))
-        files.write()
-        from ferryman.config.load import load_config
-
-        gateway = Gateway(load_config(files.config_path), config_path=str(files.config_path))
-        await gateway.start()
+        gateway = await started_gateway(files)
         reader, writer = await connect(port)
         await wait_for(lambda: len(gateway.runtime.sessions) == 1)
         files.listeners[0]["listen"] = f"127.0.0.1:{free_port()}"  # moved: the listener rebinds

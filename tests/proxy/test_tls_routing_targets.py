@@ -29,6 +29,7 @@ from tests.support.gateway import (
     connect,
     free_port,
     grant,
+    port_in_use,
     read_until_closed,
     refused,
     running_gateway,
@@ -426,7 +427,7 @@ async def test_haproxy_send_proxy_v2_in_front(files: GatewayFiles) -> None:
                 stderr=asyncio.subprocess.PIPE,
             )
             try:
-                await wait_for(lambda: _listening(lb_port) or haproxy.returncode is not None)
+                await wait_for(lambda: port_in_use(lb_port) or haproxy.returncode is not None)
                 assert haproxy.returncode is None, "haproxy exited"
                 reader, writer = await connect(lb_port)
                 client_port = writer.get_extra_info("sockname")[1]
@@ -443,14 +444,3 @@ async def test_haproxy_send_proxy_v2_in_front(files: GatewayFiles) -> None:
     # Ferryman's peer was HAProxy; the audit names the client HAProxy accepted.
     assert close["source"] == f"127.0.0.1:{client_port}"
     assert (close["bytes_up"], close["reason"]) == (15, "normal")
-
-
-def _listening(port: int) -> bool:
-    """Whether something listens on the port, without connecting (a probe connection would
-    travel through HAProxy into ferryman and show up in the audit)."""
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False

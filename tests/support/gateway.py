@@ -127,6 +127,25 @@ async def running_gateway(files: GatewayFiles) -> AsyncIterator[Gateway]:
         await gateway.shutdown(0.5)
 
 
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``port``, found by binding rather than connecting (a probe
+    connection would travel through a proxy under test and show up in its audit)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+async def started_gateway(files: GatewayFiles) -> Gateway:
+    """A started gateway the test shuts down itself (to watch the shutdown)."""
+    files.write()
+    gateway = Gateway(load_config(files.config_path), config_path=str(files.config_path))
+    await gateway.start()
+    return gateway
+
+
 async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy (or fail after ``timeout``)."""
     loop = asyncio.get_running_loop()

@@ -112,11 +112,27 @@ async def _send_fatal(client: ClientSide, server: pgwire.ServerConnection, code:
         data = server.send(error)
     except LocalProtocolError:
         data = error.encode()
+    await _send_last_words(client, data)
+
+
+async def _send_last_words(client: ClientSide, data: bytes) -> None:
+    """Send a refusal, bounded in time; a client that is gone (reset, stalled) changes nothing:
+    the caller still releases what the connection holds and audits it."""
     try:
         async with asyncio.timeout(2):
             await client.send(data)
     except (OSError, TimeoutError):
         pass
+
+
+def _startup_failure(exc: BaseException, timeout: float) -> RemoteProtocolError:
+    """Why a start-up ended before a StartupMessage could be acted on, for log and audit."""
+    if isinstance(exc, TimeoutError):
+        return RemoteProtocolError(f"no complete start-up within {timeout:g}s")
+    if isinstance(exc, ssl.SSLError):
+        return RemoteProtocolError(f"TLS handshake failed: {exc.reason or exc}")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+    return RemoteProtocolError(f"connection failed during start-up: {reason}")
 
 
 async def serve_postgres(
@@ -143,8 +159,11 @@ async def serve_postgres(
                     handshake_timeout=listener.postgres.handshake_timeout,
                 )
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            logger.info("%s: start-up from %s failed: %s", listener.name, peer.remote_addr, exc)
+            # Nothing to answer (the client is gone, or speaks neither TLS nor PostgreSQL):
+            # close, and audit the attempt like any other refusal.
             client.close()
+            failure = _startup_failure(exc, listener.postgres.handshake_timeout)
+            rt.audit_refusal(conn_id, listener, peer, None, failure)
             return
         if listener.proxy_protocol != "off":
             peer = with_local_address(peer, sock)  # the header's destination
@@ -200,7 +219,7 @@ async def serve_postgres(
             raise BackendUnavailable("; ".join(failures))
     except BackendRefused as exc:
         # The backend's own words (e.g. 3D000 database does not exist) are the useful answer.
-        await client.send(exc.error.encode())
+        await _send_last_words(client, exc.error.encode())
         _refused(rt, conn_id, listener, peer, identity, exc, client, lease, None)
         return
     except (FerrymanError, TimeoutError) as exc:
