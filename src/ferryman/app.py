@@ -39,7 +39,7 @@ from ferryman.proxy.listener import Listener, bind_socket
 from ferryman.proxy.pg import serve_postgres
 from ferryman.proxy.pgroles import ListenerRoles
 from ferryman.proxy.runtime import Runtime
-from ferryman.proxy.session import Session
+from ferryman.proxy.session import GRACEFUL_CLOSE_TIMEOUT, Session
 from ferryman.proxy.tcp import serve_tcp
 from ferryman.proxy.tlssetup import ListenerTLS, build_listener_tls
 from ferryman.routing import Router
@@ -247,6 +247,12 @@ class Gateway:
         await self._stop_provisioner(name)
 
     async def _stop_provisioner(self, name: str) -> None:
+        # Sessions of the listener being closed gracefully still need it to terminate their
+        # backends (bounded, and only when some are closing).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GRACEFUL_CLOSE_TIMEOUT + 0.5
+        while any(s.closing for s in self.runtime.sessions.for_listener(name)) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         task = self._sweepers.pop(name, None)
         if task is not None:
             await cancel_and_wait([task])
@@ -499,9 +505,11 @@ class Gateway:
             session.close("shutdown", "gateway shutting down")
         if cut:
             logger.info("closed %d connection(s) at shutdown", cut)
-            # Each session audits its close from its relay's done callback, on the next turn.
+            # Each session audits its close from its relay's done callback, on the next turn;
+            # PostgreSQL sessions first have their backend terminated, so the client reads the
+            # server's FATAL 57P01 (bounded: a hard close follows GRACEFUL_CLOSE_TIMEOUT).
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(GRACEFUL_CLOSE_TIMEOUT + 0.5):
                     await rt.sessions.wait_empty()
         await cancel_and_wait([t for t in conn_tasks if not t.done()])
         await cancel_and_wait(list(self._tasks))

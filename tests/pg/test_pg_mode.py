@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from tests.pg.conftest import APPDB, listener_port, needs_psql, pg_files, pg_grant
-from tests.support.gateway import GatewayFiles, running_gateway, wait_for
+from tests.support.gateway import GatewayFiles, running_gateway, started_gateway, wait_for
 from tests.support.localapi_double import LocalAPIDouble
 from tests.support.pgcluster import PgCluster
 
@@ -475,3 +475,38 @@ async def test_sweeper_drops_idle_roles_but_not_live_ones(tmp_path: Path, cluste
         cur = await live.execute("select count(*) from items")  # the live session kept its role
         assert (await cur.fetchone()) is not None
         await live.close()
+
+
+@pytest.mark.parametrize("how", ["shutdown", "listener removed"])
+async def test_sessions_cut_by_the_gateway_end_with_57p01(
+    tmp_path: Path, cluster: PgCluster, how: str
+) -> None:
+    """At shutdown (after the grace period) and when a reload removes the listener, a
+    PostgreSQL session ends with the server's own FATAL 57P01, not a dropped connection."""
+    files = pg_files(tmp_path, cluster, prefix="sd_")
+    files.grants.append(pg_grant({APPDB: {"permissions": ["readonly"]}}))
+    gateway = await started_gateway(files)
+    try:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=listener_port(files), user="x", database=APPDB, ssl=False
+        )
+        running = asyncio.ensure_future(conn.fetchval("select pg_sleep(30)"))
+        await asyncio.sleep(0.3)  # the query is running on the backend
+        if how == "shutdown":
+            await gateway.shutdown(0.2)
+        else:
+            files.listeners.clear()
+            files.write()
+            assert await gateway.reload()
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with asyncio.timeout(10):
+                await running
+        # asyncpg reports a FATAL that ends a running query as 08003 with the server's words
+        # (directly against PostgreSQL too); a dropped connection has no such words.
+        assert "terminating connection due to administrator command" in str(info.value)
+        await conn.close(timeout=2)
+        await wait_for(files.closes)
+    finally:
+        await gateway.shutdown(0.2)
+    (close,) = files.closes()
+    assert close["reason"] == "shutdown"

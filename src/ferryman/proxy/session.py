@@ -30,6 +30,10 @@ from ferryman.units import format_duration
 
 _counter = itertools.count(1)
 _closers: set[asyncio.Task[Any]] = set()
+
+GRACEFUL_CLOSE_TIMEOUT = 2.0
+"""Seconds a graceful close may take before the session is cut."""
+_GRACEFUL = ("revoked", "shutdown")
 """Graceful-close tasks in flight (each bounded to a few seconds)."""
 _prefix = os.urandom(3).hex()
 
@@ -63,8 +67,8 @@ class Session:
     recheck: Callable[[Authorization], Awaitable[None]] | None = None
     """Mode-specific revalidation (raises AccessDenied to revoke)."""
     graceful_close: Callable[[], Awaitable[None]] | None = None
-    """How to end the session cleanly on ``revoked`` (PostgreSQL: terminate the backend so the
-    client gets the server's own FATAL 57P01 at a message boundary)."""
+    """How to end the session cleanly on ``revoked`` and ``shutdown`` (PostgreSQL: terminate
+    the backend so the client gets the server's own FATAL 57P01 at a message boundary)."""
     _pending: CloseInfo | None = None
     _limits: Limits = field(default_factory=Limits)
     _duration_timer: asyncio.TimerHandle | None = None
@@ -81,12 +85,13 @@ class Session:
         relay.done.add_done_callback(self._on_relay_done)
 
     def close(self, reason: str, detail: str = "") -> None:
-        """End the session with ``reason`` (idempotent); ``revoked`` goes through
-        :attr:`graceful_close` when the mode has one, with a hard close after 2 s."""
+        """End the session with ``reason`` (idempotent); ``revoked`` and ``shutdown`` go
+        through :attr:`graceful_close` when the mode has one, with a hard close after
+        :data:`GRACEFUL_CLOSE_TIMEOUT`."""
         relay = self.relay
         if relay is None or relay.closed:
             return
-        if reason == "revoked" and self.graceful_close is not None and self._pending is None:
+        if reason in _GRACEFUL and self.graceful_close is not None and self._pending is None:
             self._pending = CloseInfo(reason, "gateway", detail)
             spawn(self._close_gracefully(), name=f"close {self.id}", owner=_closers)
             return
@@ -96,12 +101,17 @@ class Session:
         relay = self.relay
         assert relay is not None and self.graceful_close is not None and self._pending is not None
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(GRACEFUL_CLOSE_TIMEOUT):
                 await self.graceful_close()
                 await asyncio.shield(relay.done)
         except Exception:  # the hard close below still happens
             pass
         relay.close(self._pending.reason, "gateway", self._pending.detail)
+
+    @property
+    def closing(self) -> bool:
+        """Whether a graceful close is under way (the relay still runs)."""
+        return self._pending is not None and self.relay is not None and not self.relay.closed
 
     def update(self, auth: Authorization) -> None:
         """Apply a re-checked grant: limits may have changed (revalidation)."""
