@@ -195,3 +195,50 @@ async def test_backend_tls_verification(ca: trustme.CA) -> None:
         server.close()
         await server.wait_closed()
         del loop
+
+
+async def test_a_relay_that_cannot_be_set_up_ends_its_session() -> None:
+    """open_relay registers nothing it cannot finish: when wrapping a side fails (here the
+    backend socket is already closed), both sides are closed, the session's limits lease is
+    released and its close record handed on -- no session left in a registry for ever."""
+    from ferryman.identity.base import Identity, PeerInfo
+    from ferryman.limits.tracker import LimitTracker
+    from ferryman.policy.engine import authorize
+    from ferryman.policy.parse import parse_policy
+    from ferryman.proxy.session import Session
+    from ferryman.proxy.streams import open_relay
+
+    cap = "ferryman.dev/cap/ferryman"
+    policy = parse_policy(
+        {"grants": [{"src": ["*"], "app": {cap: [{"backends": {"svc": {}}}]}}]}, capability=cap
+    )
+    alice = Identity(user="alice@example.com", source="static")
+    auth = authorize(alice, None, "svc", policy)
+    tracker = LimitTracker()
+    lease = tracker.acquire(alice.user, "svc", auth.user_limits, auth.listener_limits)
+    closed: list[CloseInfo] = []
+    session = Session(
+        id="t-1",
+        listener="svc",
+        mode="tcp",
+        identity=alice,
+        peer=PeerInfo(remote_host="127.0.0.1", remote_port=1, listener="svc"),
+        backend="backend:1",
+        auth=auth,
+        lease=lease,
+        tracker=tracker,
+        on_close=lambda s, info: closed.append(info),
+    )
+    app, gw_side = tcp_pair()
+    client = await wrap_plain(gw_side, server_side=True)
+    backend_gw, backend_app = tcp_pair()
+    backend_gw.close()
+    with pytest.raises((OSError, ValueError)):
+        await open_relay(session, gw_side, client, backend_gw, None, splice=False)
+    assert tracker.connections(alice.user) == 0
+    assert [(c.reason, c.closed_by) for c in closed] == [("error", "gateway")]
+    assert "relay set-up failed" in closed[0].detail
+    async with asyncio.timeout(5):
+        assert await asyncio.get_running_loop().sock_recv(app, 10) == b""  # client side closed too
+    app.close()
+    backend_app.close()

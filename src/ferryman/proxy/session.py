@@ -30,11 +30,11 @@ from ferryman.units import format_duration
 
 _counter = itertools.count(1)
 _closers: set[asyncio.Task[Any]] = set()
+"""Graceful-close tasks in flight (each bounded to a few seconds)."""
 
 GRACEFUL_CLOSE_TIMEOUT = 2.0
 """Seconds a graceful close may take before the session is cut."""
 _GRACEFUL = ("revoked", "shutdown")
-"""Graceful-close tasks in flight (each bounded to a few seconds)."""
 _prefix = os.urandom(3).hex()
 
 
@@ -107,6 +107,16 @@ class Session:
         except Exception:  # the hard close below still happens
             pass
         relay.close(self._pending.reason, "gateway", self._pending.detail)
+
+    def abandon(self, info: CloseInfo) -> None:
+        """End a session whose relay never started (its set-up failed after the session was
+        registered): release its limits lease and hand its close record on, as a relay's end
+        would. No-op once a relay is attached."""
+        if self.relay is not None or self.close_info is not None:
+            return
+        self.lease.release()
+        self.close_info = info
+        self.on_close(self, info)
 
     @property
     def closing(self) -> bool:

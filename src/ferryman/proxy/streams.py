@@ -371,8 +371,19 @@ async def open_relay(
     if client_conn is None and backend_conn is None:
         relay = SocketRelay(loop, client_sock, backend_sock, None, splice=splice, watch=watch)
     else:
-        client_side = client_conn or await wrap_plain(client_sock, server_side=True)
-        backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
+        try:
+            client_side = client_conn or await wrap_plain(client_sock, server_side=True)
+            backend_side = backend_conn or await wrap_plain(backend_sock, server_side=False)
+        except BaseException as exc:
+            # Nothing relays these sockets, so nothing would ever end the session: end it here.
+            for conn in (client_conn, backend_conn):
+                if conn is not None:
+                    conn.abort()
+            client_sock.close()
+            backend_sock.close()
+            reason = "shutdown" if isinstance(exc, asyncio.CancelledError) else "error"
+            session.abandon(CloseInfo(reason, "gateway", f"relay set-up failed: {exc!r}"))
+            raise
         relay = TransportRelay(loop, client_side, backend_side, None)
     session.attach(relay)
     relay.start(initial_up=initial_up, initial_down=initial_down)
