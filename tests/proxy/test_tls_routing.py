@@ -13,7 +13,10 @@ Host routing, target choice and the PROXY protocol in test_tls_routing_targets.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +226,114 @@ async def test_forwards_to_without_forward_if_no_match_is_not_used(
         await wait_for(files.audit)
     assert pg_pair.primary.connections == 0
     assert "no route" in files.audit()[0]["reason"]
+
+
+def hello_naming(name: bytes) -> bytes:
+    """A real ClientHello (Python's ssl) whose host_name is ``name``: for bytes Python will not
+    send (NUL, space), a placeholder of the same length is swapped in, so every length field
+    stays right. The handshake cannot complete after that; routing is all it is for."""
+    placeholder = b"p" * len(name)
+    context = client_context(None, check_hostname=False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=placeholder.decode())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    assert hello.count(placeholder) == 1
+    return hello.replace(placeholder, name)
+
+
+async def send_hello(port: int, hello: bytes) -> bytes:
+    """Send ``hello`` and return what comes back before the connection closes (or 1 s passes)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(hello)
+        await writer.drain()
+        async with asyncio.timeout(1):
+            return await reader.read(100)
+    except (TimeoutError, ConnectionResetError):
+        return b""
+    finally:
+        writer.close()
+
+
+# Server names real clients send that are not RFC 6066 host names; with a NUL or a space there
+# is no name to route on, and a rule must not match what follows the NUL ("*read*" here).
+UNUSABLE_NAMES = (b"evil.test\x00.read.db.test", b"exa mple.read.db.test")
+
+
+async def test_unusual_server_names_are_routed_or_fall_back(files: GatewayFiles, pg_pair: PgPair) -> None:
+    # HAProxy's behaviour: a name that no rule matches -- however odd -- goes to the default
+    # backend (here sni.forwards_to); it is not a malformed ClientHello.
+    port = add_routed_listener(files, "pg", **otoroshi_service(pg_pair))
+    files.grants.append(grant({"pg": {}}))
+    context = client_context(pg_pair.ca, check_hostname=False)
+    ca_file = pg_pair.ca.write(files.dir, "backends-ca")
+    python_names = {
+        "db.example.com.": "primary",  # trailing dot
+        "-bad.example.com": "primary",  # leading hyphen
+        "Reports-Read.db.test.": "replica",  # a rule matches the name without its dot
+    }
+    async with running_gateway(files):
+        for sni, backend in python_names.items():
+            result = await tls_client(port, context, sni)
+            assert result.error is None, (sni, result.error)
+            assert result.greeting.decode() == backend and result.echoed == b"ping\n", sni
+        expected = len(python_names)
+        with_openssl = shutil.which("openssl") is not None
+        if with_openssl:
+            # Python's ssl sends no SNI for an IP address; OpenSSL sends what it is given.
+            argv = ["s_client", "-servername", "10.1.2.3", "-connect", f"127.0.0.1:{port}"]
+            code, out, err = await run("openssl", *argv, "-CAfile", str(ca_file), stdin=b"")
+            assert code == 0, err
+            assert "CN = pg-primary" in out.split("subject=", 1)[1].splitlines()[0], out
+            expected += 1
+        for name in UNUSABLE_NAMES:
+            await send_hello(port, hello_naming(name))
+            expected += 1
+        await wait_for(lambda: len(files.closes()) == expected)
+    decisions = [(r["sni"], r["route"]) for r in files.audit() if r["event"] == "decision"]
+    assert decisions == [
+        ("db.example.com", "sni.forwards_to"),
+        ("-bad.example.com", "sni.forwards_to"),
+        ("reports-read.db.test", "*read*"),
+        *([("10.1.2.3", "sni.forwards_to")] if with_openssl else []),
+        (None, "sni.forwards_to"),
+        (None, "sni.forwards_to"),
+    ]
+    assert all(r["allowed"] for r in files.audit() if r["event"] == "decision")
+    # The backends saw the names exactly as the clients sent them: nothing was rewritten. (Their
+    # OpenSSL takes the name with a space too; the one with a NUL it refuses itself.)
+    assert pg_pair.replica.snis == ["Reports-Read.db.test."]
+    assert pg_pair.primary.snis == [
+        "db.example.com.",
+        "-bad.example.com",
+        *(["10.1.2.3"] if with_openssl else []),
+        "exa mple.read.db.test",
+    ]
+
+
+async def test_unusual_server_names_without_a_fallback_are_no_route(
+    files: GatewayFiles, pg_pair: PgPair
+) -> None:
+    port = add_routed_listener(files, "pg", tls="passthrough", rules=[replica_rule(pg_pair)])
+    files.grants.append(grant({"pg": {}}))
+    async with running_gateway(files):
+        assert await tls_refused(port, "db.example.com.")
+        assert await tls_refused(port, "-bad.example.com")
+        for name in UNUSABLE_NAMES:
+            assert await send_hello(port, hello_naming(name)) == b""
+        result = await tls_client(port, client_context(pg_pair.ca, check_hostname=False), "x-read.db.test.")
+        assert result.greeting == b"replica"
+        await wait_for(lambda: len(files.audit()) == 6)
+    reasons = [r["reason"] for r in files.audit() if r["event"] == "decision" and not r["allowed"]]
+    assert reasons == [
+        "no route: no rule matches 'db.example.com'",
+        "no route: no rule matches '-bad.example.com'",
+        "no route: no server name to route on",
+        "no route: no server name to route on",
+    ]
+    assert pg_pair.primary.connections == 0 and pg_pair.replica.connections == 1
 
 
 async def test_client_hello_split_across_segments_is_still_routed(

@@ -170,13 +170,20 @@ async def test_non_http_client_without_fallback_is_refused(files: GatewayFiles) 
 
 async def test_set_up_timeouts_are_refused_with_a_reason(files: GatewayFiles) -> None:
     # A client that stalls before the gateway can route it is cut after proxy_protocol_timeout
-    # + identity_timeout. (So a server-speaks-first protocol on a Host-routed listener is
-    # refused, not sent to the fallback: there is no Host to wait for.)
+    # + identity_timeout; one that stalls inside the PROXY header after proxy_protocol_timeout
+    # alone. (So a server-speaks-first protocol on a Host-routed listener is refused, not sent
+    # to the fallback: there is no Host to wait for.)
     quick = {"proxy_protocol_timeout": "300ms", "identity_timeout": "200ms"}
     rules = [{"domain": "a.test", "targets": [target(1)]}]
     stalls = {
         "lb": (
-            files.add_listener("lb", "127.0.0.1:1", accept_proxy_protocol=True, **quick),
+            files.add_listener(
+                "lb",
+                "127.0.0.1:1",
+                accept_proxy_protocol=True,
+                proxy_protocol_timeout="450ms",
+                identity_timeout="30s",
+            ),
             b"PROXY TCP4 10.",
         ),
         "web": (files.add_listener("web", "127.0.0.1:1", rules=rules, **quick), b""),

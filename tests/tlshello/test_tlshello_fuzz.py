@@ -159,3 +159,24 @@ def test_generated_hellos_decode_to_their_inputs(
     assert not any(tlshello.is_grease(t) for t in hello.extension_types)
     assert hello.raw_length == len(wire)
     assert sniff_in_chunks(split(wire, data.draw(st.lists(st.integers(0), max_size=5)))) == hello
+
+
+@given(name=st.binary(min_size=1, max_size=300), data=st.data())
+def test_any_host_name_bytes_decode_to_a_name_or_none(name: bytes, data: st.DataObject) -> None:
+    # The host name's syntax never makes a well-framed hello an error: it is routed on when it
+    # is printable ASCII (trailing dot dropped, lower-cased), and is "no SNI" otherwise.
+    wire = client_hello([sni_ext(name), alpn_ext(b"h2")])
+    hello = check_outcome(wire)
+    assert isinstance(hello, tlshello.ClientHello)
+    stripped = name[:-1] if name.endswith(b".") else name
+    usable = 0 < len(stripped) <= 253 and all(0x21 <= b <= 0x7E for b in stripped)
+    assert hello.sni == (stripped.decode("ascii").lower() if usable else None)
+    assert hello.alpn == ("h2",)
+    assert sniff_in_chunks(split(wire, data.draw(st.lists(st.integers(0), max_size=5)))) == hello
+
+
+@given(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=60))
+def test_printable_host_names_round_trip(host: str) -> None:
+    hello = check_outcome(client_hello([sni_ext(host.encode("ascii") + b".")]))
+    assert isinstance(hello, tlshello.ClientHello)
+    assert hello.sni == host.lower()

@@ -132,28 +132,50 @@ def test_valid_host_names(name: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "why"),
+    ("name", "sni"),
     [
-        (b"example.com.", "trailing dot (RFC 6066 §3)"),
-        (b".example.com", "empty label"),
-        (b"a..b", "empty label"),
-        (b"exa mple.com", "space"),
-        (b"evil.com\x00.good.com", "NUL"),
-        (b"b\xc3\xbccher.example", "U-label instead of A-label"),
-        (b"10.0.0.1", "IPv4 literal"),
-        (b"::1", "IPv6 literal"),
-        (b"[::1]", "bracketed IPv6 literal"),
-        (b"-lead.example", "leading hyphen"),
-        (b"trail-.example", "trailing hyphen"),
-        (b"x" * 64 + b".example", "label over 63"),
-        ((b"a" * 63 + b".") * 4, "name over 253"),
-        (b"host:443", "port"),
-        (b"a/b", "slash"),
+        # Not RFC 6066 host names, but sent by real clients: routed on as received (HAProxy's
+        # req.ssl_sni and Go's ServerName do the same), so a rule or the fallback decides.
+        (b"example.com.", "example.com"),  # trailing dot: the root label of an FQDN, dropped
+        (b"DB.Example.COM.", "db.example.com"),
+        (b"10.0.0.1", "10.0.0.1"),  # IPv4 literal (forbidden by RFC 6066 §3, sent anyway)
+        (b"::1", "::1"),
+        (b"[::1]", "[::1]"),
+        (b"-lead.example", "-lead.example"),
+        (b"trail-.example", "trail-.example"),
+        (b".example.com", ".example.com"),
+        (b"a..b", "a..b"),
+        (b"example.com..", "example.com."),  # only the one root dot is dropped
+        (b"x" * 64 + b".example", "x" * 64 + ".example"),  # a label over 63
+        (b"host:443", "host:443"),
+        (b"a/b*c", "a/b*c"),
+        (b"a" * 253, "a" * 253),
+        (b"a" * 253 + b".", "a" * 253),
     ],
 )
-def test_invalid_host_names(name: bytes, why: str) -> None:
-    with pytest.raises(RemoteProtocolError):
-        tlshello.parse_client_hello(client_hello([sni_ext(name)]))
+def test_unusual_host_names_are_routed_on(name: bytes, sni: str) -> None:
+    assert parse_ok(client_hello([sni_ext(name)])).sni == sni
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        (b"exa mple.com", "space"),
+        (b"evil.com\x00.good.com", "NUL"),
+        (b"tab\t.example", "control character"),
+        (b"del\x7f.example", "DEL"),
+        (b"b\xc3\xbccher.example", "U-label instead of A-label"),
+        (b"\xff", "non-ASCII byte"),
+        (b".", "nothing but the root"),
+        (b"a" * 254, "name over 253"),
+        ((b"a" * 63 + b".") * 4, "name over 253 even without its trailing dot"),
+    ],
+)
+def test_unusable_host_names_count_as_no_sni(name: bytes, why: str) -> None:
+    # Not an error either: the hello is well formed, there is just no name to route on.
+    hello = parse_ok(client_hello([sni_ext(name), alpn_ext(b"h2")]))
+    assert (hello.sni, hello.alpn) == (None, ("h2",)), why
+    assert 0 in hello.extension_types  # the server_name extension was there
 
 
 @pytest.mark.parametrize(

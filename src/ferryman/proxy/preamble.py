@@ -17,33 +17,61 @@ import socket
 from ferryman import proxyproto, tlshello
 from ferryman._aio import wait_fd
 from ferryman.errors import RemoteProtocolError
+from ferryman.proxyproto.header import V1_MAX_LENGTH, V2_HEADER_LENGTH, V2_SIGNATURE
 from ferryman.routing import http_host
 
 MAX_HTTP_HEAD = 16384
-PROXY_HEADER_MAX = 16 + 65535
+_V2_FIRST = V2_SIGNATURE[:1]  # b"\r"; a v1 line starts with b"P"
 
 
 async def read_proxy_header(sock: socket.socket) -> proxyproto.ProxyHeader:
     """Consume exactly one PROXY v1/v2 header, nothing after it (so TLS can start right after).
 
-    Peeks until the header is complete, then reads exactly its length. Raises
-    RemoteProtocolError for a missing or malformed header, ConnectionError at EOF.
+    Only bytes known to belong to the header are read (see :func:`_recv_header_part`), so the
+    client's first bytes -- a TLS ClientHello, a PostgreSQL start-up -- stay in the socket for
+    the next reader, however the header was split into segments. Between reads it waits for
+    the socket to become readable: a half-sent header costs nothing until more bytes arrive.
+    The caller bounds the wait (``proxy_protocol_timeout``).
+
+    Raises RemoteProtocolError for a missing or malformed header, ConnectionError at EOF.
     """
-    loop = asyncio.get_running_loop()
+    buf = b""
     while True:
-        await wait_fd(sock.fileno())
         try:
-            data = sock.recv(PROXY_HEADER_MAX, socket.MSG_PEEK)
+            part = _recv_header_part(sock, buf)
         except (BlockingIOError, InterruptedError):
+            await wait_fd(sock.fileno())
             continue
-        if not data:
+        if not part:
             raise ConnectionResetError("closed before the PROXY protocol header")
-        result = proxyproto.parse_proxy_header(data)
+        buf += part
+        result = proxyproto.parse_proxy_header(buf)
         if isinstance(result, proxyproto.ProxyHeader):
-            await loop.sock_recv(sock, result.length)  # consume the header only
             return result
-        # Incomplete header: wait for more bytes (rare: headers fit one segment).
-        await asyncio.sleep(0.005)
+
+
+def _recv_header_part(sock: socket.socket, buf: bytes) -> bytes:
+    """Read the next bytes that certainly belong to the header whose first bytes are ``buf``.
+
+    v2 frames itself: the 16-byte fixed part, then exactly the length it announces. A v1 line
+    has no length, so peek at most what is left of its 107 bytes and take everything up to and
+    including the first LF -- or all of the peeked bytes when no LF has arrived yet, since they
+    are all part of the line. (Peeking without consuming would leave the socket readable and
+    make the wait spin.) Anything else is refused by the parser after at most one read.
+    Returns ``b""`` at EOF; raises ``BlockingIOError`` when nothing is waiting.
+    """
+    if buf[:1] == _V2_FIRST:
+        if len(buf) < V2_HEADER_LENGTH:
+            return sock.recv(V2_HEADER_LENGTH - len(buf))
+        total = V2_HEADER_LENGTH + int.from_bytes(buf[14:16], "big")
+        return sock.recv(total - len(buf))
+    peeked = sock.recv(V1_MAX_LENGTH - len(buf), socket.MSG_PEEK)
+    if not peeked:
+        return b""
+    if not buf and peeked[:1] == _V2_FIRST:
+        return sock.recv(min(len(peeked), V2_HEADER_LENGTH))
+    line_end = peeked.find(b"\n")
+    return sock.recv(len(peeked) if line_end < 0 else line_end + 1)
 
 
 async def sniff_client_hello(sock: socket.socket) -> tuple[tlshello.ClientHello, bytes]:

@@ -176,7 +176,10 @@ async def serve_tcp(
         if identity is None:
             async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
                 if listener.accept_proxy_protocol:
-                    peer = behind_proxy(peer, await read_proxy_header(sock))
+                    # The header alone has its own, shorter bound (README, and as pg.py does);
+                    # a timeout here is audited as "timed out waiting for the PROXY ...".
+                    async with asyncio.timeout(listener.proxy_protocol_timeout):
+                        peer = behind_proxy(peer, await read_proxy_header(sock))
                 waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
                     listener.tls, "the HTTP request head"
                 )

@@ -8,7 +8,9 @@ Must not: touch the record layer (``parse.py`` owns framing, caps and reassembly
 I/O. It also must not be lenient where the eventual TLS server would not be: following tcpproxy's
 ``sni.go``, the framing is checked "all the way up to the SNI field" and beyond, so the name we
 route on is the name the backend's TLS stack will see. A router that accepted a hello the backend
-rejects, or read a different SNI than the backend, could be steered by a crafted hello.
+rejects, or read a different SNI than the backend, could be steered by a crafted hello. (The
+host name's *syntax* is the exception, below: whether ``10.1.2.3`` is acceptable is the
+backend's call, and a name we cannot route on falls back instead of matching a rule.)
 
 Strictness decisions, each with its source:
 
@@ -17,8 +19,13 @@ Strictness decisions, each with its source:
 - ``pre_shared_key`` must be the last extension (RFC 8446 §4.2.11);
 - SNI: a non-empty ``server_name_list`` (RFC 6066 §3); entries of other name types are skipped
   as Go's crypto/tls does, but two ``host_name`` entries are an error ("MUST NOT contain more
-  than one name of the same name_type"); the host name must be ASCII, without a trailing dot,
-  not an IP literal, made of LDH labels (underscore tolerated, see :func:`_host_name`);
+  than one name of the same name_type");
+- the host name itself is *not* held to RFC 6066's syntax (see :func:`_host_name`): real clients
+  send a trailing dot, IP literals and odd labels, and HAProxy and Go route such hellos rather
+  than refuse them. A name that is printable ASCII comes back for routing (trailing dot
+  removed, lower-cased); anything else (NUL, spaces, control or non-ASCII bytes, over-long)
+  counts as no usable SNI. Either way the listener's rules and fallback decide, and the framing
+  around the name is as strict as everywhere else;
 - GREASE values (RFC 8701) are accepted everywhere and dropped from the decoded tuples, because
   receivers must ignore them (RFC 8701 §3) and routing on them would be meaningless.
 """
@@ -42,9 +49,8 @@ NAME_TYPE_HOST_NAME: Final = 0  # RFC 6066 §3
 
 MAX_SESSION_ID_LENGTH: Final = 32  # RFC 8446 §4.1.2 legacy_session_id<0..32>
 MAX_HOST_NAME_LENGTH: Final = 253  # RFC 1035 §2.3.4: 255 octets on the wire, 253 as text
-MAX_LABEL_LENGTH: Final = 63  # RFC 1035 §2.3.4
 
-_HOST_NAME_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_PRINTABLE: Final = frozenset(range(0x21, 0x7F))  # ASCII graphic characters: no space or control
 
 
 def is_grease(value: int) -> bool:
@@ -62,9 +68,12 @@ class ClientHello:
 
     sni: str | None
     """The ``host_name`` from ``server_name``, lower-cased (RFC 4343: DNS names are
-    case-insensitive) and validated; IDNA A-labels (``xn--…``) are kept as sent. ``None`` when
-    the client sent no SNI, which is valid (tcpproxy returns ``""`` for it, not an error). With
-    ECH (``EXT_ENCRYPTED_CLIENT_HELLO`` in ``extension_types``) this is the outer, public name."""
+    case-insensitive) and without a trailing dot; IDNA A-labels (``xn--…``) are kept as sent.
+    It is printable ASCII (no space, NUL or control byte) but need not be a valid DNS name:
+    ``10.1.2.3`` and ``-bad.example.com`` come through for the rules to match or miss.
+    ``None`` when the client sent no SNI, which is valid (tcpproxy returns ``""`` for it, not an
+    error), or a name that is not usable (see :func:`_host_name`). With ECH
+    (``EXT_ENCRYPTED_CLIENT_HELLO`` in ``extension_types``) this is the outer, public name."""
     alpn: tuple[str, ...]
     """ALPN protocol names (RFC 7301). The wire values are opaque bytes; they are decoded as
     Latin-1 so every value survives (``name.encode("latin-1")`` gives the bytes back). Registered
@@ -150,12 +159,12 @@ def _u16_list(r: Reader, field: str) -> list[int]:
     return values
 
 
-def _server_name(data: Reader) -> str:
+def _server_name(data: Reader) -> str | None:
     # RFC 6066 §3: ServerNameList server_name_list<1..2^16-1>; a client must not send the empty
     # extension (that form is reserved for the server's acknowledgement).
     names = data.vector(2, "server_name_list", floor=1)
     data.expect_end()
-    host: str | None = None
+    host: bytes | None = None
     while names.remaining:
         name_type = names.u8("name_type")
         # RFC 6066 only defines host_name; like Go's crypto/tls we assume any other type uses
@@ -165,36 +174,31 @@ def _server_name(data: Reader) -> str:
             continue
         if host is not None:
             raise RemoteProtocolError("ClientHello: server_name lists host_name twice")
-        host = _host_name(name.raw(name.remaining, "HostName"))
+        host = name.raw(name.remaining, "HostName")
     if host is None:
         raise RemoteProtocolError("ClientHello: server_name carries no host_name entry")
-    return host
+    return _host_name(host)
 
 
-def _host_name(raw: bytes) -> str:
-    """Validate and lower-case an SNI host name, per RFC 6066 §3 and RFC 1035/1123 syntax.
+def _host_name(raw: bytes) -> str | None:
+    """The SNI host name to route on: lower-cased, one trailing dot removed; ``None`` when
+    it is not usable.
 
-    Underscores are tolerated: they are not LDH, but they appear in real internal names and
-    every mainstream TLS stack passes them through. NUL, spaces, non-ASCII bytes (U-labels must
-    be sent as A-labels) and anything else that could confuse a routing regex are rejected.
+    RFC 6066 §3 asks for a DNS host name "without a trailing dot" and forbids IP literals, but
+    clients send both (``curl https://db.example.com./``, ``openssl s_client -servername
+    10.1.2.3``), and HAProxy and Go's crypto/tls pass whatever arrived to their routing
+    (``req.ssl_sni``, ``ClientHelloInfo.ServerName``) instead of refusing the connection. So
+    does this: a name of printable ASCII comes back as sent and the rules match it or fall
+    through to the listener's fallback. A name no rule could sensibly be written for, with a
+    NUL, a space, a control or non-ASCII byte (U-labels must be sent as A-labels), or longer
+    than a DNS name can be, comes back as ``None``: the same as a client that sent no SNI, so
+    it too reaches the fallback, or is refused for lack of a name to route on.
     """
-    if len(raw) > MAX_HOST_NAME_LENGTH:
-        raise RemoteProtocolError(f"ClientHello: SNI host name longer than {MAX_HOST_NAME_LENGTH}")
-    lowered = raw.lower()
-    if not _HOST_NAME_CHARS.issuperset(lowered.replace(b".", b"")):
-        raise RemoteProtocolError("ClientHello: SNI host name has characters outside [a-z0-9._-]")
-    # RFC 6066 §3: "without a trailing dot". An empty label also covers leading and doubled dots.
-    labels = lowered.split(b".")
-    for label in labels:
-        if not label or len(label) > MAX_LABEL_LENGTH:
-            raise RemoteProtocolError("ClientHello: SNI host name has an empty or over-long label")
-        if label.startswith(b"-") or label.endswith(b"-"):
-            raise RemoteProtocolError("ClientHello: SNI label starts or ends with a hyphen")
-    # RFC 6066 §3: "Literal IPv4 and IPv6 addresses are not permitted". IPv6 literals already
-    # failed on ':'; an all-numeric last label is an IPv4 literal or no valid name (RFC 3696 §2).
-    if labels[-1].isdigit():
-        raise RemoteProtocolError("ClientHello: SNI is an IP address literal")
-    return lowered.decode("ascii")
+    if raw.endswith(b"."):
+        raw = raw[:-1]  # the root label of a fully qualified name: same host (RFC 1034 §3.1)
+    if not 0 < len(raw) <= MAX_HOST_NAME_LENGTH or not _PRINTABLE.issuperset(raw):
+        return None
+    return raw.decode("ascii").lower()
 
 
 def _alpn(data: Reader) -> tuple[str, ...]:
