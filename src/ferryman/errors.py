@@ -142,6 +142,22 @@ class BackendUnavailable(FerrymanError):
     kind = "backend_error"
 
 
+class NoSuchDatabase(FerrymanError):
+    """The requested database does not exist on the backend; nothing was provisioned for it.
+
+    Not a :class:`BackendUnavailable`: the backend answered, so it stays in rotation.
+    ``str()`` is PostgreSQL's own wording (the client sees it as is); ``database`` the name.
+    """
+
+    sqlstate = "3D000"  # invalid_catalog_name
+    http_status = 404
+    kind = "no_database"
+
+    def __init__(self, database: str) -> None:
+        super().__init__(f'database "{database}" does not exist')
+        self.database = database
+
+
 class BackendAuthFailed(FerrymanError):
     """The backend refused our login as the provisioned role."""
 

@@ -21,6 +21,10 @@ Opening, and a backend that is down:
   between attempts (``reconnect_timeout``; after giving up, the next request starts a new
   attempt at once), and checks a pooled connection before handing it out, so connections
   cut by a backend restart are replaced instead of failing a provisioning round.
+* A database that does not exist is :class:`~ferryman.errors.NoSuchDatabase`, never a pool
+  timeout: libpq reports no SQLSTATE for a refused connection and the pool would retry it until
+  ``connect_timeout``, so a wait for a per-database connection looks at the pool's failed
+  connection attempts every ``_WAIT_SLICE`` and, after one, asks ``pg_database`` (admin pool).
 
 Locks, and why each exists:
 
@@ -52,11 +56,11 @@ from typing import Any, Literal, TypeVar
 import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ferryman.errors import BackendUnavailable
+from ferryman.errors import BackendUnavailable, NoSuchDatabase
 
-from .statements import Registry
+from .statements import DATABASE_EXISTS, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ Flavor = Literal["postgres", "cockroach"]
 
 RETRY_ATTEMPTS = 4
 _GRANTS_KEY = "ferryman:grants"
+_WAIT_SLICE = 0.25
+"""How often a wait for a per-database connection checks for failed connection attempts."""
 
 
 def lock_key(name: str) -> int:
@@ -85,6 +91,8 @@ def _retryable(exc: psycopg.Error) -> bool:
 class _DbPool:
     pool: AsyncConnectionPool[Conn]
     users: int = 0
+    gone: bool = False
+    """The database does not exist: out of ``_db_pools``, closed when its last user leaves."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +216,64 @@ class Backend:
             return
         entry = await self._db_pool(database)
         try:
-            async with entry.pool.connection() as conn:
+            conn = await self._db_getconn(entry, database)
+            try:
                 yield conn
+            finally:
+                await entry.pool.putconn(conn)
         finally:
             entry.users -= 1
+            if entry.gone and entry.users == 0:
+                await entry.pool.close()
+
+    async def database_exists(self, database: str, conn: Conn | None = None) -> bool:
+        """Whether ``database`` is in ``pg_database`` (asked on ``conn``, or the admin pool)."""
+        if database == self.info.admin_database:
+            return True
+        if conn is not None:
+            return await fetch_one(conn, DATABASE_EXISTS, (database,)) is not None
+        async with self._admin_pool().connection() as admin:
+            return await fetch_one(admin, DATABASE_EXISTS, (database,)) is not None
+
+    async def _db_getconn(self, entry: _DbPool, database: str) -> Conn:
+        """A connection from ``entry``'s pool within ``connect_timeout`` (else ``PoolTimeout``).
+
+        Raises :class:`NoSuchDatabase` as soon as a connection attempt failed and the database
+        is not in ``pg_database`` (dropped since it was checked), instead of waiting out the
+        pool's retries; the pool is then dropped. In the usual case -- a connection ready, or
+        made at once -- the first ``getconn`` returns and nothing else is asked."""
+        pool = entry.pool
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        seen = _connect_errors(pool)
+        while True:
+            wait = min(_WAIT_SLICE, deadline - loop.time())
+            try:
+                return await pool.getconn(timeout=max(wait, 0.001))
+            except PoolTimeout:
+                if wait < _WAIT_SLICE:
+                    raise PoolTimeout(
+                        f"couldn't get a connection to database {database!r} "
+                        f"after {self._connect_timeout:.2f} sec"
+                    ) from None
+            failed = _connect_errors(pool)
+            if failed == seen:
+                continue  # the pool is busy, not failing: keep waiting
+            seen = failed
+            try:
+                async with asyncio.timeout_at(deadline):
+                    exists = await self.database_exists(database)
+            except (psycopg.Error, TimeoutError):
+                exists = True  # cannot tell: keep waiting for the pool, as before
+            if not exists:
+                await self._drop_pool(database, entry)
+                raise NoSuchDatabase(database)
+
+    async def _drop_pool(self, database: str, entry: _DbPool) -> None:
+        async with self._pools_lock:
+            if self._db_pools.get(database) is entry:
+                del self._db_pools[database]
+            entry.gone = True
 
     async def _db_pool(self, database: str) -> _DbPool:
         async with self._pools_lock:
@@ -296,6 +358,10 @@ class Backend:
             finally:
                 if got:
                     await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _connect_errors(pool: AsyncConnectionPool[Conn]) -> int:
+    return pool.get_stats().get("connections_errors", 0)
 
 
 async def _one(cur: psycopg.AsyncCursor[tuple[object, ...]]) -> tuple[object, ...]:

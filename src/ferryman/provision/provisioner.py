@@ -56,7 +56,7 @@ from typing import Literal
 
 import psycopg
 
-from ferryman.errors import AccessDenied, PermissionDenied
+from ferryman.errors import AccessDenied, NoSuchDatabase, PermissionDenied
 from ferryman.policy.model import PRESETS, PgDatabaseGrant
 
 from . import names
@@ -221,7 +221,9 @@ class Provisioner:
         Raises InvalidParameter (22023) for an unknown requested preset, PermissionDenied
         (42501) for a raw grant that fails validation or a grant on the registry's schema,
         AccessDenied (28000) when the role name belongs to an unmanaged role or to another
-        identity. Database errors propagate as ``psycopg.Error``.
+        identity, NoSuchDatabase (3D000) when ``database`` does not exist on the backend (checked
+        whenever provisioning work is done -- not on a cache hit -- before anything is created).
+        Database errors propagate as ``psycopg.Error``.
         """
         preset, lowered = names.effective_preset(grant.permissions, requested_presets)
         role = names.role_name(self.settings.prefix, user, node, database, preset if lowered else None)
@@ -351,8 +353,12 @@ class Provisioner:
     async def _admin_round(
         self, conn: Conn, plan: _Plan, groups: dict[str, str]
     ) -> tuple[RoleLogin, list[RawGrant], bool]:
-        """In the admin database, under the role lock: role, password, memberships, registry row."""
+        """In the admin database, under the role lock: role, password, memberships, registry row.
+
+        First of all the database must exist: nothing is created for a name that does not."""
         role, who, reg = plan.role, plan.who, self.settings.registry
+        if not await self.backend.database_exists(who.database, conn):
+            raise NoSuchDatabase(who.database)
         await self.backend.lock_role(conn, role, reg)
         state = RoleState.parse(await fetch_one(conn, st.ROLE_STATE, {"marker": self.marker, "role": role}))
         if state is not None and not state.managed:

@@ -194,6 +194,8 @@ GROUPS_STATE = sql.SQL(
     """
 )
 ROLE_EXISTS = sql.SQL("SELECT 1 FROM pg_roles WHERE rolname = %s")
+# pg_catalog.pg_database exists on CockroachDB too (one row per database, same datname).
+DATABASE_EXISTS = sql.SQL("SELECT 1 FROM pg_database WHERE datname = %s")
 GROUP_MEMBERS = sql.SQL(
     """
     SELECT m.rolname FROM pg_auth_members am

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from ferryman.errors import NoSuchDatabase
+
 from . import statements as st
 from ._backend import Conn, fetch_all, fetch_one
 from ._rows import RoleState
@@ -117,6 +119,8 @@ async def _disown(prov: Provisioner, role: str, database: str, new_owner: str) -
 
     try:
         await prov.backend.transaction(body, database=database, what=f"disown {role} in {database}")
+    except NoSuchDatabase:
+        logger.info("sweep %s: database %r no longer exists; nothing to disown there", role, database)
     except psycopg.OperationalError as exc:
         # The database is gone, or refuses connections; it cannot hold the role's objects then
         # unless it comes back, in which case DROP ROLE fails and the next sweep tries again.

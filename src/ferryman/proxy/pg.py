@@ -96,6 +96,8 @@ def client_message(exc: BaseException) -> tuple[str, str]:
             return exc.sqlstate, "the gateway could not log in to the database"
         case BackendUnavailable():
             return exc.sqlstate, "the database is not reachable through the gateway"
+        case FerrymanError(sqlstate="3D000"):  # errors.NoSuchDatabase: PostgreSQL's own words
+            return exc.sqlstate, str(exc)
         case ShuttingDown():
             return exc.sqlstate, "the gateway is shutting down"
         case RemoteProtocolError():
