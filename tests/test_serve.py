@@ -1,15 +1,18 @@
 """``ferryman serve`` as a real process: SIGHUP reloads, SIGTERM drains, a second signal forces."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import ssl
 import struct
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.support.gateway import (
     EchoServer,
@@ -21,12 +24,15 @@ from tests.support.gateway import (
     roundtrip,
     wait_for,
 )
+from tests.support.pgcluster import PgCluster, pg_cluster_factory  # noqa: F401 - fixture
 
 
 class Served:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.lines: list[dict[str, object]] = []
+        self.not_json: list[bytes] = []
+        """Lines of standard error that are not one JSON object (README: there are none)."""
         self.stdout = bytearray()
         self._pump = asyncio.ensure_future(self._read())
 
@@ -35,9 +41,13 @@ class Served:
         out = asyncio.ensure_future(self._read_stdout())
         while line := await self.proc.stderr.readline():
             try:
-                self.lines.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
-                self.lines.append({"msg": line.decode(errors="replace")})
+                record = None
+            if not isinstance(record, dict):
+                self.not_json.append(line)
+                record = {"msg": line.decode(errors="replace")}
+            self.lines.append(record)
         await out
 
     async def _read_stdout(self) -> None:
@@ -437,3 +447,194 @@ async def test_bulk_data_is_copied_unless_splice_is_asked_for(
         assert await served.wait() == 0
     # A pipe is two descriptors; each direction that moved bulk data has one.
     assert during >= 2 if args == ("--splice",) else during == 0
+
+
+# --- the log format: every line on standard error is one JSON object -------------------------
+
+
+class Hop:
+    """A TCP relay in front of a backend that can be cut: live connections aborted, new ones
+    refused (the backend "goes away" under the gateway)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.transports: list[asyncio.BaseTransport] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> "Hop":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+
+    def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for transport in self.transports:
+            transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.transports += [writer.transport, up_writer.transport]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_cluster_factory: Callable[..., PgCluster]) -> PgCluster:  # noqa: F811
+    return pg_cluster_factory("default")
+
+
+@pytest.mark.pg
+async def test_library_warnings_are_json_lines(tmp_path: Path, serve, pg_cluster: PgCluster) -> None:
+    """psycopg_pool's warnings when the provisioning backend goes away ("error connecting in
+    'ferryman-provision-admin'", "reconnection attempt ... failed") come out as JSON records of
+    their own logger, not as bare text from logging's last-resort handler."""
+    files = GatewayFiles(tmp_path)
+    async with Hop(pg_cluster.host, pg_cluster.port) as hop:
+        port = files.add_listener(
+            "pg",
+            f"127.0.0.1:{hop.port}",
+            mode="postgres",
+            dial_timeout="2s",
+            postgres={"admin_user": pg_cluster.superuser, "admin_database": "postgres"},
+        )
+        files.grants.append(grant({"pg": {"pg": {"databases": {"*": {"permissions": ["readonly"]}}}}}))
+        served = await serve(files)
+        await wait_for(lambda: served.logged("provisioning on"), timeout=15)  # admin pool is open
+        hop.cut()
+        reader, writer = await connect(port)
+        writer.write(startup_message(user="dev", database="postgres"))
+        async with asyncio.timeout(15):
+            reply = await reader.read()
+        writer.close()
+        assert reply[:1] == b"E" and b"C08006\0" in reply, reply
+        await wait_for(lambda: any(line.get("logger") == "psycopg.pool" for line in served.lines), timeout=15)
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+    assert served.not_json == []
+    pool = [line for line in served.lines if line.get("logger") == "psycopg.pool"]
+    assert all(line["level"] == "warning" and "ts" in line for line in pool), pool
+    assert any("ferryman-provision-admin" in str(line["msg"]) for line in pool), pool
+
+
+async def test_tls_close_leaves_no_plain_text_on_stderr(tmp_path: Path, serve) -> None:
+    """A TLS client ending its connection with close_notify: whatever the event loop has to
+    say about it (asyncio's "returning true from eof_received() has no effect when using ssl",
+    logged by the relay's half-close on a TLS transport) is a JSON record too."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("tls.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    files = GatewayFiles(tmp_path)
+    async with EchoServer() as echo:
+        port = files.add_listener(
+            "tls",
+            echo.address,
+            tls="enabled",
+            cert_file=str(tmp_path / "cert.pem"),
+            key_file=str(tmp_path / "key.pem"),
+        )
+        files.grants.append(grant({"tls": {}}))
+        served = await serve(files)
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="tls.test"
+            )
+            writer.write(b"ping")
+            async with asyncio.timeout(10):
+                assert await reader.readexactly(4) == b"ping"
+            writer.close()  # close_notify, then the TCP close
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await wait_for(lambda: len(files.closes()) >= 2, timeout=10)
+        await served.signal(signal.SIGTERM)
+        assert await served.wait() == 0
+    assert served.not_json == []
+    assert all({"ts", "level", "logger", "msg"} <= line.keys() for line in served.lines)
+
+
+LOG_SETUP_SCRIPT = """
+import gc, logging, sys, threading, warnings
+from ferryman import logs
+
+logs.setup(sys.argv[1], sys.argv[2])
+logging.getLogger("psycopg.pool").warning("error connecting in %r: %s", "ferryman-provision-db-0", "boom")
+logging.getLogger("psycopg.pool").info("third-party info: hidden")
+logging.getLogger("asyncio").debug("third-party debug: hidden")
+logging.getLogger("ferryman.proxy").debug("ferryman debug")
+logging.getLogger("aiohttp.server").warning("bad args %d", "not a number")
+class Unprintable:
+    def __str__(self):
+        raise RuntimeError("no str")
+    __repr__ = __str__
+logging.getLogger("ferryman.x").warning("odd extra", extra={"thing": Unprintable()})
+logging.getLogger("ferryman.x").warning("an object %s", Unprintable())
+warnings.warn("a python warning")
+t = threading.Thread(target=lambda: 1 / 0, name="worker")
+t.start(); t.join()
+class Broken:
+    def __del__(self):
+        raise ValueError("in __del__")
+Broken(); gc.collect()
+raise SystemError("uncaught at the top")
+"""
+
+
+@pytest.mark.parametrize("level", ["debug", "info"])
+async def test_log_setup_formats_every_record_as_json(level: str) -> None:
+    """``logs.setup`` as the CLI calls it: other libraries' records (warning and above, also at
+    debug), unformattable records, Python warnings and uncaught exceptions (top level, thread,
+    ``__del__``) are each one JSON line; nothing else reaches standard error."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOG_SETUP_SCRIPT, level, "json", stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    lines = err.decode().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) and {"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    by_logger = {r["logger"]: r for r in records}
+    assert by_logger["psycopg.pool"]["msg"] == "error connecting in 'ferryman-provision-db-0': boom"
+    assert not any("hidden" in r["msg"] for r in records)
+    assert ("ferryman.proxy" in by_logger) == (level == "debug")
+    assert "unformattable log record" in by_logger["aiohttp.server"]["msg"]
+    odd = [r for r in records if r["logger"] == "ferryman.x"]
+    assert len(odd) == 2 and "repr failed" in odd[0]["thing"] and "repr failed" in odd[1]["msg"]
+    assert "a python warning" in by_logger["py.warnings"]["msg"]
+    messages = "\n".join(r["msg"] + r.get("exc", "") for r in records if r["logger"] == "ferryman")
+    for expected in ("thread worker", "ZeroDivisionError", "in __del__", "uncaught exception", "SystemError"):
+        assert expected in messages, messages
+    assert "Logging error" not in err.decode()
+
+
+async def test_log_setup_text_format_never_prints_logging_errors() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LOG_SETUP_SCRIPT, "info", "text", stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    text = err.decode()
+    assert "--- Logging error ---" not in text
+    assert "WARNING psycopg.pool: error connecting in 'ferryman-provision-db-0': boom" in text
+    assert "unformattable log record" in text

@@ -31,15 +31,18 @@ def split_at(data: bytes, points: Iterable[int]) -> list[bytes]:
 
 
 def default_answer(server: pw.ServerConnection, event: pw.FrontendEvent) -> bytes:
-    """How the scripted shell answers each client event: refuse TLS/GSS, ask for a cleartext
-    password, accept any password, then switch."""
+    """How the scripted shell answers each client event: refuse TLS/GSS, negotiate the
+    protocol down to 3.0 when asked for more, ask for a cleartext password, accept any
+    password, then switch."""
     match event:
         case pw.SSLRequest():
             return server.send(pw.SSLResponse(False))
         case pw.GSSENCRequest():
             return server.send(pw.GSSENCResponse(False))
         case pw.StartupMessage():
-            return server.send(pw.AuthenticationCleartextPassword())
+            negotiation = event.negotiate()
+            first = b"" if negotiation is None else server.send(negotiation)
+            return first + server.send(pw.AuthenticationCleartextPassword())
         case pw.PasswordMessage():
             return b"".join(
                 server.send(m)

@@ -309,8 +309,10 @@ def test_scram_success_without_final_is_refused() -> None:
 
 def test_negotiate_protocol_version_is_passed_through() -> None:
     client = started()
-    run = run_client(client, [wire(pw.NegotiateProtocolVersion(0), pw.AuthenticationOk(), *AFTER_OK)])
-    assert run.events[0] == pw.NegotiateProtocolVersion(0)
+    run = run_client(
+        client, [wire(pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0), pw.AuthenticationOk(), *AFTER_OK)]
+    )
+    assert run.events[0] == pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0)
 
 
 def test_backend_speaking_first_or_hanging_up() -> None:

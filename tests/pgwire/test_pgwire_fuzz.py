@@ -140,7 +140,7 @@ BACKEND_MESSAGES = st.sampled_from(
         pw.ReadyForQuery("E"),
         pw.ErrorResponse.fatal("28000", "x"),
         pw.NoticeResponse("NOTICE", "00000", "x"),
-        pw.NegotiateProtocolVersion(0, ("_pq_.a",)),
+        pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0, ("_pq_.a",)),
     ]
 )
 
@@ -178,3 +178,25 @@ FRONTEND_PACKETS = st.sampled_from(
 @given(st.lists(FRONTEND_PACKETS, max_size=8))
 def test_server_random_valid_message_sequences(packets: list[bytes]) -> None:
     _only_remote_errors(lambda: run_server([b"".join(packets)]))
+
+
+NON_NUL = st.binary(max_size=24).map(lambda b: b.replace(b"\x00", b"\x01"))
+
+
+@given(
+    st.lists(st.tuples(NON_NUL.filter(bool), NON_NUL), max_size=6),
+    st.sampled_from([pw.PROTOCOL_3_0, pw.PROTOCOL_3_0 | 1, pw.PROTOCOL_3_2]),
+)
+def test_startup_parameters_round_trip_byte_for_byte(pairs: list[tuple[bytes, bytes]], version: int) -> None:
+    """Whatever bytes the client puts in its parameters, a parsed StartupMessage re-encodes to
+    the same packet (what the backend gets is what the client sent), or the packet is refused
+    with our protocol error (duplicate names, no user)."""
+    body = version.to_bytes(4, "big") + b"".join(k + b"\x00" + v + b"\x00" for k, v in pairs) + b"\x00"
+    wire = (len(body) + 4).to_bytes(4, "big") + body
+    try:
+        message = pw.parse_startup_packet(wire)
+    except RemoteProtocolError:
+        return
+    assert isinstance(message, pw.StartupMessage)
+    assert message.encode() == wire
+    repr(message)  # never raises, whatever the bytes

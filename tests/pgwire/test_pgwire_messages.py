@@ -80,10 +80,11 @@ BACKEND_VECTORS: list[tuple[pw.BackendMessage, bytes]] = [
         h('4e 00 00 00 18 "S" "NOTICE" 00 "C" "00000" 00 "M" "hi" 00 00'),
     ),
     (
-        pw.NegotiateProtocolVersion(0, ("_pq_.foo",)),
-        h('76 00 00 00 15 00 00 00 00 00 00 00 01 "_pq_.foo" 00'),
+        pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0, ("_pq_.foo",)),
+        # The version is a whole word, 3 << 16, as PostgreSQL sends PG_PROTOCOL_LATEST.
+        h('76 00 00 00 15 00 03 00 00 00 00 00 01 "_pq_.foo" 00'),
     ),
-    (pw.NegotiateProtocolVersion(0), h("76 00 00 00 0c 00 00 00 00 00 00 00 00")),
+    (pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0), h("76 00 00 00 0c 00 03 00 00 00 00 00 00")),
 ]
 
 
@@ -176,6 +177,50 @@ def test_backend_strings_round_trip_non_utf8_bytes() -> None:
     assert message.encode() == wire
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        [(b"user", b"x"), (b"application_name", b"caf\xe9")],  # LATIN1 client
+        [(b"user", b"\xff"), (b"database", b"\xff\xfe")],
+        [(b"user", b"x"), (b"\xc3\x28", b"\xed\xa0\x80")],  # bad name; UTF-8-encoded surrogate
+        [(b"user", b"x"), (b"options", b"-c search_path=\xe9 -c ferryman.presets=readonly")],
+    ],
+)
+def test_startup_parameters_in_any_encoding_round_trip(params: list[tuple[bytes, bytes]]) -> None:
+    # PostgreSQL takes start-up parameters in the client's encoding; we keep them and forward
+    # exactly the bytes the client sent.
+    body = b"".join(k + b"\x00" + v + b"\x00" for k, v in params) + b"\x00"
+    wire = (len(body) + 8).to_bytes(4, "big") + pw.PROTOCOL_3_0.to_bytes(4, "big") + body
+    message = pw.parse_startup_packet(wire)
+    assert isinstance(message, pw.StartupMessage)
+    assert message.encode() == wire
+    assert [
+        (k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+        for k, v in message.parameters.items()
+    ] == params
+    assert all(pw.is_utf8(k) for k in message.parameters) == all(_utf8(k) for k, _ in params)
+    assert "options" not in repr(message) or "<redacted>" in repr(message)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_is_utf8() -> None:
+    assert pw.is_utf8("café")
+    assert not pw.is_utf8(b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
+def test_encoding_a_foreign_lone_surrogate_is_a_local_error() -> None:
+    # surrogateescape only ever produces U+DC80..U+DCFF; anything else cannot be encoded.
+    with pytest.raises(LocalProtocolError, match="surrogate"):
+        pw.StartupMessage({"user": "\ud800"}).encode()
+
+
 def test_secrets_are_redacted_in_repr() -> None:
     secrets = [
         pw.PasswordMessage(b"hunter2"),
@@ -198,7 +243,7 @@ def test_startup_message_helpers() -> None:
     assert (msg.major_version, msg.minor_version) == (3, 2)
     assert msg.database == "alice"  # PostgreSQL's default: the user name
     assert msg.protocol_options == ("_pq_.ext",)
-    assert msg.negotiate() == pw.NegotiateProtocolVersion(0, ("_pq_.ext",))
+    assert msg.negotiate() == pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0, ("_pq_.ext",))
     assert pw.StartupMessage({"user": "a", "database": "d"}).negotiate() is None
     with pytest.raises(TypeError):
         msg.parameters["user"] = "mallory"  # type: ignore[index]
@@ -213,7 +258,6 @@ def test_startup_message_helpers() -> None:
         (h('00 00 00 11 00 03 00 00 "user" 00 "a" 00 00 00'), "expected terminator as last byte"),
         (h('00 00 00 0f 00 03 00 00 "user" 00 "a" 00'), "missing string terminator"),
         (h('00 00 00 12 00 03 00 00 "user" 00 "a" 00 "x" 00 00'), "missing string terminator"),
-        (h('00 00 00 13 00 03 00 00 "user" 00 ff fe 00 "x" 00 00'), "UTF-8"),
         (h('00 00 00 17 00 03 00 00 "user" 00 "a" 00 "user" 00 "b" 00 00'), "duplicate"),
         (h("00 00 00 0c 04 d2 16 2f 00 00 00 00"), "SSLRequest"),
         (h("00 00 00 0c 04 d2 16 2e 00 00 00 01"), "cancel request key"),

@@ -211,13 +211,55 @@ def test_protocol_3_2_is_parsed_and_negotiated_down() -> None:
     event = server.next_event()
     assert isinstance(event, pw.StartupMessage)
     negotiate = event.negotiate()
-    assert negotiate == pw.NegotiateProtocolVersion(0, ("_pq_.x",))
+    assert negotiate == pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0, ("_pq_.x",))
     assert server.send(negotiate) == negotiate.encode()
     with pytest.raises(LocalProtocolError, match="already sent"):
         server.send(negotiate)
     server.send(pw.AuthenticationOk())
     with pytest.raises(LocalProtocolError):
-        server.send(pw.NegotiateProtocolVersion(0))
+        server.send(pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0))
+
+
+@pytest.mark.parametrize(
+    ("version", "params", "expected"),
+    [
+        (pw.PROTOCOL_3_0 | 1, {"user": "a"}, pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0)),
+        (pw.PROTOCOL_3_2, {"user": "a"}, pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0)),
+        (
+            pw.PROTOCOL_3_0,
+            {"user": "a", "_pq_.x": "1"},
+            pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0, ("_pq_.x",)),
+        ),
+        (pw.PROTOCOL_3_0, {"user": "a"}, None),
+    ],
+)
+def test_negotiation_is_required_before_authentication_exactly_when_asked_for(
+    version: int, params: dict[str, str], expected: pw.NegotiateProtocolVersion | None
+) -> None:
+    server = pw.ServerConnection()
+    server.receive_data(pw.StartupMessage(params, protocol_version=version).encode())
+    event = server.next_event()
+    assert isinstance(event, pw.StartupMessage)
+    assert event.negotiate() == expected
+    if expected is None:
+        with pytest.raises(LocalProtocolError, match="without a newer version"):
+            server.send(pw.NegotiateProtocolVersion(pw.PROTOCOL_3_0))
+    else:
+        for premature in (pw.AuthenticationOk(), pw.AuthenticationCleartextPassword()):
+            with pytest.raises(LocalProtocolError, match="send NegotiateProtocolVersion before"):
+                server.send(premature)
+        server.send(expected)
+    server.send(pw.AuthenticationOk())
+    server.send(pw.ReadyForQuery("I"))
+    assert server.phase is pw.Phase.SWITCHED
+
+
+def test_errors_need_no_negotiation_first() -> None:
+    server = pw.ServerConnection()
+    server.receive_data(pw.StartupMessage({"user": "a"}, protocol_version=pw.PROTOCOL_3_2).encode())
+    server.next_event()
+    server.send(pw.ErrorResponse.fatal("28000", "no"))
+    assert server.phase is pw.Phase.CLOSED
 
 
 def test_sasl_exchange_parses_p_by_what_was_asked() -> None:

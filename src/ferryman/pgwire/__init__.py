@@ -59,6 +59,7 @@ from ferryman.pgwire.messages import (
     StartupMessage,
     StartupPacket,
     Terminate,
+    is_utf8,
     parse_backend_message,
     parse_startup_packet,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "StartupPacket",
     "Terminate",
     "auth",
+    "is_utf8",
     "parse_backend_message",
     "parse_startup_packet",
     "sqlstate",

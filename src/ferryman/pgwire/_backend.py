@@ -274,9 +274,16 @@ class ReadyForQuery:
 
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion:
-    """The server's newest supported minor version and the ``_pq_.`` options it ignored."""
+    """The protocol version the session will use and the ``_pq_.`` options the server ignored.
 
-    newest_minor_version: int
+    ``newest_version`` is a whole version word, ``major << 16 | minor`` (196608 for 3.0), as
+    PostgreSQL sends it (``pq_sendint32(&buf, PG_PROTOCOL_LATEST)`` in
+    ``SendNegotiateProtocolVersion``) and libpq reads it: libpq 18 refuses anything below
+    ``PG_PROTOCOL(3, 0)`` as a "downgrade to pre-3.0". Older docs call the field the "newest
+    minor protocol version"; a bare ``0`` there breaks real clients.
+    """
+
+    newest_version: int
     unrecognized_options: tuple[str, ...] = field(default=())
     TYPE: ClassVar[bytes] = b"v"
 
@@ -284,21 +291,21 @@ class NegotiateProtocolVersion:
         """Return the frame."""
         names = b"".join(cstring(o) for o in self.unrecognized_options)
         return typed_message(
-            self.TYPE, int32(self.newest_minor_version) + int32(len(self.unrecognized_options)) + names
+            self.TYPE, int32(self.newest_version) + int32(len(self.unrecognized_options)) + names
         )
 
     @classmethod
     def parse(cls, body: bytes) -> NegotiateProtocolVersion:
         """Parse a ``v`` body."""
         reader = BodyReader(body, "NegotiateProtocolVersion")
-        minor = reader.int32()
+        version = reader.int32()
         count = reader.int32()
         # Each option takes at least its NUL, so a count above the bytes left is a lie.
         if count < 0 or count > reader.remaining:
             raise RemoteProtocolError(f"invalid option count {count} in NegotiateProtocolVersion")
         options = tuple(reader.cstring() for _ in range(count))
         reader.end()
-        return cls(minor, options)
+        return cls(version, options)
 
 
 BackendMessage: TypeAlias = (

@@ -69,11 +69,15 @@ def cstring(value: str) -> bytes:
     original bytes, so a backend string relayed through a parsed message is byte-identical.
 
     Raises:
-        LocalProtocolError: ``value`` contains NUL, which the wire format cannot carry.
+        LocalProtocolError: ``value`` contains NUL, which the wire format cannot carry, or a
+            lone surrogate that :func:`decode` cannot have produced (outside U+DC80..U+DCFF).
     """
     if "\x00" in value:
         raise LocalProtocolError("a protocol String cannot contain NUL")
-    return value.encode("utf-8", "surrogateescape") + b"\x00"
+    try:
+        return value.encode("utf-8", "surrogateescape") + b"\x00"
+    except UnicodeEncodeError:
+        raise LocalProtocolError("a protocol String cannot contain lone surrogates") from None
 
 
 def cbytes(value: bytes) -> bytes:
@@ -110,25 +114,25 @@ def redacted(data: bytes | None) -> str:
 
 
 def decode(raw: bytes) -> str:
-    """Decode a backend ``String``.
+    """Decode a ``String`` whose encoding we cannot know, losslessly.
 
-    Backend strings are in the server encoding, which we do not know during startup; UTF-8
-    with ``surrogateescape`` never fails and round-trips through :func:`cstring`.
+    Backend strings are in the server encoding, which we do not know during startup; frontend
+    start-up parameters are in the client's encoding (a LATIN1 client sends LATIN1 bytes, and
+    PostgreSQL accepts them). UTF-8 with ``surrogateescape`` never fails, and every byte that
+    is not UTF-8 becomes a lone surrogate in U+DC80..U+DCFF that :func:`cstring` turns back into
+    the same byte: what we forward is byte-identical to what we received. Code that needs a
+    real text (a name to match or to put in SQL) must check :func:`is_utf8` first.
     """
     return raw.decode("utf-8", "surrogateescape")
 
 
-def decode_strict(raw: bytes, what: str) -> str:
-    """Decode a frontend ``String`` that feeds identity or policy decisions.
-
-    Raises:
-        RemoteProtocolError: ``raw`` is not valid UTF-8 (08P01). We refuse to guess an
-            encoding for user and database names that grants are matched against.
-    """
+def is_utf8(value: str) -> bool:
+    """Whether ``value`` (from :func:`decode`) came from valid UTF-8, i.e. holds no escaped byte."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError(f"{what} is not valid UTF-8") from None
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class BodyReader:
@@ -179,7 +183,7 @@ class BodyReader:
         return value
 
     def cstring(self) -> str:
-        """Read a NUL-terminated backend ``String`` (see :func:`decode`)."""
+        """Read a NUL-terminated ``String``, decoded losslessly (see :func:`decode`)."""
         return decode(self.raw_cstring())
 
     def take(self, n: int) -> bytes:

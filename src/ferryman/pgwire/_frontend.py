@@ -30,7 +30,7 @@ from ferryman.pgwire._framing import (
     cbytes,
     check_cancel_key,
     cstring,
-    decode_strict,
+    decode,
     int32,
     redacted,
     typed_message,
@@ -109,10 +109,13 @@ holding secrets (STYLE 2.5)."""
 class StartupMessage:
     """The client's first real packet: protocol version and run-time parameters.
 
-    ``parameters`` keeps wire order and is made read-only. ``protocol_version`` is
-    ``major << 16 | minor``; :func:`parse_startup_packet` only lets major 3 through, so a
-    minor above 0 (3.2 from PostgreSQL 18 clients) and ``_pq_.*`` protocol options are the
-    cases to answer with :meth:`negotiate` first.
+    ``parameters`` keeps wire order and is made read-only. Names and values are decoded
+    losslessly (UTF-8 with ``surrogateescape``, see ``_framing.decode``): a LATIN1 client's
+    ``application_name`` is accepted as PostgreSQL accepts it, and :meth:`encode` gives back
+    the client's exact bytes. Check :func:`~ferryman.pgwire.is_utf8` before using a value as
+    text. ``protocol_version`` is ``major << 16 | minor``; :func:`parse_startup_packet` only
+    lets major 3 through, so a minor above 0 (3.2 from PostgreSQL 18 clients) and ``_pq_.*``
+    protocol options are the cases to answer with :meth:`negotiate` first.
     """
 
     parameters: Mapping[str, str]
@@ -156,11 +159,13 @@ class StartupMessage:
 
         PostgreSQL docs, "Protocol versions": a server that supports an older minor version or
         does not recognise ``_pq_.`` options answers NegotiateProtocolVersion and carries on in
-        the version it named. We speak 3.0 only.
+        the version it named. We speak 3.0 only, and recognise no ``_pq_.`` option; like
+        PostgreSQL 15/16 we name 3.0 as a whole version word and list every such option in
+        the order the client sent them (``ProcessStartupPacket``).
         """
         if self.minor_version == 0 and not self.protocol_options:
             return None
-        return NegotiateProtocolVersion(0, self.protocol_options)
+        return NegotiateProtocolVersion(PROTOCOL_3_0, self.protocol_options)
 
     def encode(self) -> bytes:
         """Return the packet; raises LocalProtocolError for empty names or NUL in strings."""
@@ -176,9 +181,12 @@ class StartupMessage:
     def parse(cls, version: int, body: bytes) -> StartupMessage:
         """Parse the name/value pairs that follow the protocol version word.
 
+        Bytes that are not UTF-8 are kept, not refused: PostgreSQL takes start-up parameters
+        in the client's encoding, and whoever interprets one checks it (see the class doc).
+
         Raises:
-            RemoteProtocolError: bad layout, non-UTF-8 or duplicate names (08P01), or no
-                ``user`` (28000, as PostgreSQL answers).
+            RemoteProtocolError: bad layout or duplicate names (08P01), or no ``user``
+                (28000, as PostgreSQL answers).
         """
         reader = BodyReader(body, "StartupMessage")
         params: dict[str, str] = {}
@@ -186,10 +194,11 @@ class StartupMessage:
             raw_name = reader.raw_cstring()
             if not raw_name:
                 break
-            name = decode_strict(raw_name, "startup parameter name")
-            value = decode_strict(reader.raw_cstring(), f"startup parameter {name!r}")
+            name = decode(raw_name)
+            value = decode(reader.raw_cstring())
             # PostgreSQL lets the last duplicate win; we refuse, so what the gateway checks and
-            # what it forwards can never disagree.
+            # what it forwards can never disagree. (``decode`` is injective: equal names here
+            # are equal bytes on the wire.)
             if name in params:
                 raise RemoteProtocolError(f"duplicate startup parameter {name!r}")
             params[name] = value

@@ -15,9 +15,10 @@ Conventions:
   :class:`~ferryman.errors.RemoteProtocolError`.
 * ``encode()`` returns the whole frame and raises only
   :class:`~ferryman.errors.LocalProtocolError`.
-* Strings from the backend decode as UTF-8 with ``surrogateescape`` (the server encoding is
-  unknown during startup) and re-encode byte-identically; strings from a client's startup
-  packet must be valid UTF-8, because grants are matched against them.
+* Strings decode as UTF-8 with ``surrogateescape`` and re-encode byte-identically: the
+  server encoding is unknown during startup, and a client's start-up parameters are in its
+  own encoding (PostgreSQL accepts a LATIN1 ``application_name``). Whoever matches a name
+  against grants or puts it in SQL checks :func:`is_utf8` first.
 * Messages that carry secrets redact them in ``repr`` (STYLE 2.5: logs never hold passwords,
   cancel keys or SCRAM exchanges).
 """
@@ -48,6 +49,7 @@ from ferryman.pgwire._backend import (
     SSLResponse,
     parse_backend_message,
 )
+from ferryman.pgwire._framing import is_utf8
 from ferryman.pgwire._frontend import (
     CancelRequest,
     GSSENCRequest,
@@ -98,6 +100,7 @@ __all__ = [
     "StartupMessage",
     "StartupPacket",
     "Terminate",
+    "is_utf8",
     "parse_backend_message",
     "parse_startup_packet",
 ]

@@ -13,7 +13,10 @@ Theory of operation (PostgreSQL docs, "Message Flow" / "Start-up"):
 1. STARTUP: untyped packets. SSLRequest and GSSENCRequest are answered with one byte and
    each may appear once (PostgreSQL's ``ProcessStartupPacket`` takes the same view: no second
    SSLRequest, no GSSENCRequest after TLS). CancelRequest ends the connection.
-   StartupMessage moves to AUTHENTICATING.
+   StartupMessage moves to AUTHENTICATING. A StartupMessage asking for a newer minor version
+   (3.2 from libpq 18) or carrying ``_pq_.*`` options must be answered with
+   NegotiateProtocolVersion before anything else (PostgreSQL's ``ProcessStartupPacket`` sends
+   it as soon as it has read the packet); the session then speaks 3.0.
 2. TLS_PENDING: after we answer ``S``, *nothing* may be buffered or arrive until the TLS
    handshake is done. Bytes pipelined behind an SSLRequest were sent in clear text and must
    never be processed as if they came over TLS (CVE-2021-23214).
@@ -179,6 +182,8 @@ class ServerConnection:
         self._answer_due = _Answer.NONE
         self._ssl_done = False
         self._gss_done = False
+        self._negotiation_due = False
+        """The client's StartupMessage needs a NegotiateProtocolVersion not sent yet."""
         self._negotiated = False
 
     # --- inspection ---------------------------------------------------------------------------
@@ -292,6 +297,7 @@ class ServerConnection:
             case StartupMessage():
                 self._phase = Phase.AUTHENTICATING
                 self._auth = _Auth.NOT_STARTED
+                self._negotiation_due = event.negotiate() is not None
         return event
 
     def _on_tls_pending(self) -> ConnectionClosed | NeedData:
@@ -359,7 +365,9 @@ class ServerConnection:
           TLS_PENDING (check :attr:`trailing_data` before starting TLS).
         * Authentication requests, NegotiateProtocolVersion, ParameterStatus, BackendKeyData
           in the order of :data:`_SEND_TRANSITIONS`; ReadyForQuery after AuthenticationOk
-          moves to SWITCHED.
+          moves to SWITCHED. NegotiateProtocolVersion (``StartupMessage.negotiate()``) is
+          required before the first authentication request when the StartupMessage asked for
+          it, and refused otherwise.
         * NoticeResponse while AUTHENTICATING; ErrorResponse in any phase before the switch
           (including ERROR, to answer a RemoteProtocolError) -- it moves to CLOSED.
 
@@ -394,8 +402,14 @@ class ServerConnection:
                 if phase is not Phase.AUTHENTICATING or self._auth is not _Auth.AUTH_OK_SENT:
                     raise LocalProtocolError("ReadyForQuery before AuthenticationOk")
                 self._phase = Phase.SWITCHED
-            case NegotiateProtocolVersion() if self._negotiated:
-                raise LocalProtocolError("NegotiateProtocolVersion was already sent")
+            case NegotiateProtocolVersion() if not self._negotiation_due:
+                # Sent once, and only when asked for: libpq 18 refuses one it did not provoke
+                # ("server negotiated but asks for no changes").
+                raise LocalProtocolError(
+                    "NegotiateProtocolVersion was already sent"
+                    if self._negotiated
+                    else "NegotiateProtocolVersion without a newer version or _pq_ option to refuse"
+                )
             case _:
                 next_auth = _SEND_TRANSITIONS.get((self._auth, type(message)))
                 if phase is not Phase.AUTHENTICATING or next_auth is None:
@@ -403,6 +417,14 @@ class ServerConnection:
                         f"cannot send {type(message).__name__} in phase {phase.name} ({self._auth.name})"
                     )
                 if isinstance(message, NegotiateProtocolVersion):
+                    self._negotiation_due = False
                     self._negotiated = True
+                elif self._negotiation_due:
+                    # A client that asked for 3.2 and got AuthenticationOk believes 3.2 was
+                    # accepted; the answer must come first (docs, "Protocol versions").
+                    raise LocalProtocolError(
+                        f"send NegotiateProtocolVersion before {type(message).__name__}: "
+                        "the client asked for a newer protocol version or _pq_ options"
+                    )
                 self._auth = next_auth
         return data

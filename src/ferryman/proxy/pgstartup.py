@@ -1,10 +1,11 @@
 """PostgreSQL mode, client side of the start-up: from accepted socket to StartupMessage.
 
 Owns: driving :class:`ferryman.pgwire.ServerConnection` over the accepted socket: SSLRequest
-answered by ``tls_mode`` (then TLS with SNI certificate choice), GSSENCRequest answered ``N``,
-CancelRequest handed back to the caller, the StartupMessage returned; bytes pipelined behind an
-SSLRequest refused (CVE-2021-23214); and the per-connection preset request in the start-up
-parameters.
+answered by ``tls_mode`` (then TLS with SNI certificate choice), direct TLS (ALPN
+``postgresql`` required), GSSENCRequest answered ``N``, CancelRequest handed back to the
+caller, the StartupMessage returned -- after NegotiateProtocolVersion when the client asked for
+a newer protocol or ``_pq_.*`` options; bytes pipelined behind an SSLRequest refused
+(CVE-2021-23214); and the per-connection preset request in the start-up parameters.
 
 Must not: identify, authorize or talk to the backend (``proxy.pg`` does).
 """
@@ -16,13 +17,18 @@ from dataclasses import dataclass, field
 
 from ferryman import pgwire
 from ferryman._aio import wait_fd
-from ferryman.errors import AccessDenied, RemoteProtocolError
+from ferryman.errors import AccessDenied, InvalidParameter, RemoteProtocolError
 from ferryman.proxy.streams import SetupStream, accept_tls
 from ferryman.proxy.tlssetup import ListenerTLS
 
 PRESET_PARAMETERS = ("ferryman_presets", "waypoint_presets")
 PRESET_SETTINGS = ("ferryman.presets", "waypoint.presets")
 DROPPED_PARAMETERS = frozenset({"user", "database", *PRESET_PARAMETERS})
+PROTOCOL_OPTION_PREFIX = "_pq_."
+"""Protocol options (docs, "Protocol versions"): negotiated between client and server, never
+settings. We recognise none and speak 3.0 to the backend, so they are answered with
+NegotiateProtocolVersion and never forwarded."""
+ALPN_POSTGRESQL = "postgresql"
 
 
 @dataclass(eq=False)
@@ -43,7 +49,10 @@ class Startup:
     user: str
     requested_presets: str | None
     forward: dict[str, str] = field(default_factory=dict)
-    """Start-up parameters to pass to the backend (ours and user/database removed)."""
+    """Start-up parameters to pass to the backend (ours, ``_pq_.*`` and user/database removed).
+
+    Values keep the client's bytes (see :class:`ferryman.pgwire.StartupMessage`): encoding
+    them again gives the backend exactly what the client sent."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,11 @@ def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, s
     ``options`` is read as the server reads it (``pg_split_opts``, then ``-c name=value``,
     ``-cname=value`` or ``--name=value``); when it holds none of our settings it is forwarded
     unchanged, otherwise re-escaped from the remaining words."""
-    forward = {k: v for k, v in parameters.items() if k not in DROPPED_PARAMETERS}
+    forward = {
+        k: v
+        for k, v in parameters.items()
+        if k not in DROPPED_PARAMETERS and not k.startswith(PROTOCOL_OPTION_PREFIX)
+    }
     requested: list[str] = [parameters[k] for k in PRESET_PARAMETERS if parameters.get(k)]
     options = parameters.get("options")
     if options:
@@ -147,10 +160,16 @@ async def read_startup(
         # PostgreSQL 17's sslnegotiation=direct: TLS from the first byte, ALPN "postgresql".
         await _start_tls(client, tls, handshake_timeout)
         server.tls_established_direct()
-        # libpq 17 always offers ALPN "postgresql"; other clients (asyncpg's direct_tls) may
-        # offer none, which we accept. A different protocol is a client talking to the wrong port.
-        if client.alpn not in (None, "postgresql"):
-            raise RemoteProtocolError(f"direct TLS with ALPN {client.alpn!r}: this is a PostgreSQL service")
+        # PostgreSQL 17 refuses a direct TLS connection that did not negotiate ALPN
+        # "postgresql" (be-secure-openssl.c / backend_startup.c): without it nothing says the
+        # client speaks PostgreSQL in there (a cross-protocol attack, e.g. an HTTPS client sent
+        # here). Our context offers only "postgresql", so a client offering only others ends
+        # the handshake with no ALPN at all (OpenSSL's fallback): refuse that too. PostgreSQL
+        # only logs it and closes; we say why, over the encrypted channel (libpq shows it).
+        if client.alpn != ALPN_POSTGRESQL:
+            raise RemoteProtocolError(
+                "received direct SSL connection request without ALPN protocol negotiation extension"
+            )
     while True:
         event = server.next_event()
         match event:
@@ -173,6 +192,12 @@ async def read_startup(
             case pgwire.CancelRequest():
                 return CancelAsked(event)
             case pgwire.StartupMessage():
+                negotiation = event.negotiate()
+                if negotiation is not None:
+                    # As PostgreSQL does, right after reading the packet and before any
+                    # authentication request or error: the client learns the session is 3.0
+                    # before it reads AuthenticationOk (sent later by ``proxy.pg``).
+                    await client.send(server.send(negotiation))
                 if tls_mode == "require" and not client.tls:
                     raise TLSRequired(
                         "plaintext start-up on a TLS-only service",
@@ -181,11 +206,36 @@ async def read_startup(
                 params = dict(event.parameters)
                 presets, forward = extract_presets(params)
                 user = event.user or ""
-                return Startup(event, event.database or user, user, presets, forward)
+                database = event.database or user
+                _check_database_name(database)
+                return Startup(event, database, user, presets, forward)
             case pgwire.ConnectionClosed():
                 raise ConnectionResetError("client closed during start-up")
             case _:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} during start-up")
+
+
+def _check_database_name(database: str) -> None:
+    """Refuse a database name that is not UTF-8 (22021), before identity and provisioning.
+
+    The other parameters pass through in the client's encoding, as PostgreSQL takes them; the
+    client's ``user`` is not used (the role comes from the identity) and a preset request in
+    another encoding is an unknown preset (22023). The database name, though, is matched
+    against grants and goes into the provisioner's SQL, its connection string, role names,
+    audit records and the state store, all of which are UTF-8 text. A cluster whose databases
+    are UTF-8 (PostgreSQL's default) holds no such name, so PostgreSQL would refuse it
+    anyway (3D000); we name the actual problem instead.
+    """
+    if pgwire.is_utf8(database):
+        return
+    raw = database.encode("utf-8", "surrogateescape")
+    bad = "?"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = " ".join(f"0x{b:02x}" for b in raw[exc.start : exc.end])
+    # PostgreSQL's wording for the same problem (report_invalid_encoding).
+    raise DatabaseNameNotUTF8(f'invalid byte sequence for encoding "UTF8": {bad} (in the database name)')
 
 
 async def _starts_with_tls(sock: socket.socket) -> bool:
@@ -202,6 +252,12 @@ async def _start_tls(client: ClientSide, tls: ListenerTLS, timeout: float) -> No
     client.conn = await accept_tls(client.sock, tls.context, timeout)
     info = tls.info(client.conn)
     client.sni, client.peer_cert_der, client.alpn = info.sni, info.peer_cert_der, info.alpn
+
+
+class DatabaseNameNotUTF8(InvalidParameter):
+    """The requested database name is not valid UTF-8 (character_not_in_repertoire)."""
+
+    sqlstate = "22021"
 
 
 class TLSRequired(AccessDenied):
