@@ -65,7 +65,10 @@ class Conn(asyncio.Protocol):
         if self._relay is not None:
             self._relay.eof(self._side)
         self._wake()
-        return True  # keep the write side open: half-close
+        # Keep the write side open (half-close) -- where the transport can: over TLS asyncio
+        # closes anyway and warns about a True answer.
+        transport = self.transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
