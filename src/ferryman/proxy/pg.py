@@ -38,6 +38,7 @@ from ferryman.errors import (
     InvalidParameter,
     LimitExceeded,
     LocalProtocolError,
+    NoSuchDatabase,
     PermissionDenied,
     RemoteProtocolError,
     ShuttingDown,
@@ -57,12 +58,12 @@ from ferryman.proxy.pgbackend import (
 from ferryman.proxy.pgpool import KeptSession, PoolKey, pool_key
 from ferryman.proxy.pgroles import PgRoles
 from ferryman.proxy.pgstartup import CancelAsked, ClientSide, Startup, read_startup
-from ferryman.proxy.preamble import read_proxy_header
+from ferryman.proxy.preamble import read_proxy_peer
 from ferryman.proxy.relay import SocketRelay
 from ferryman.proxy.runtime import CancelTarget, Runtime
 from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import open_relay, until_closed
-from ferryman.proxy.tcp import behind_proxy, describe_target, peer_info, with_local_address
+from ferryman.proxy.tcp import describe_target, peer_info, with_local_address
 from ferryman.routing import NoRoute
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def client_message(exc: BaseException) -> tuple[str, str]:
             return exc.sqlstate, "the gateway could not log in to the database"
         case BackendUnavailable():
             return exc.sqlstate, "the database is not reachable through the gateway"
-        case FerrymanError(sqlstate="3D000"):  # errors.NoSuchDatabase: PostgreSQL's own words
+        case NoSuchDatabase():  # PostgreSQL's own words
             return exc.sqlstate, str(exc)
         case ShuttingDown():
             return exc.sqlstate, "the gateway is shutting down"
@@ -150,7 +151,7 @@ async def serve_postgres(
     lease: Lease | None = None
     try:
         if listener.accept_proxy_protocol:
-            peer = await _load_balancer_peer(sock, peer, listener.proxy_protocol_timeout)
+            peer = await read_proxy_peer(sock, peer, listener.proxy_protocol_timeout)
         try:
             async with asyncio.timeout(listener.postgres.handshake_timeout):
                 asked = await read_startup(
@@ -498,20 +499,6 @@ def _terminator(provisioner: PgRoles, backend_pid: int) -> Callable[[], Awaitabl
         await provisioner.terminate_backend(backend_pid)
 
     return terminate
-
-
-async def _load_balancer_peer(sock: socket.socket, peer: PeerInfo, timeout: float) -> PeerInfo:
-    """The client as the load balancer's PROXY header names it. Raises RemoteProtocolError
-    (08P01) for a missing, malformed or late header: the connection is refused."""
-    try:
-        async with asyncio.timeout(timeout):
-            return behind_proxy(peer, await read_proxy_header(sock))
-    except TimeoutError:
-        raise RemoteProtocolError("timed out waiting for the PROXY protocol header") from None
-    except OSError as exc:
-        raise RemoteProtocolError(
-            f"connection failed before the PROXY protocol header: {exc.strerror or exc}"
-        ) from None
 
 
 async def _forward_cancel(rt: Runtime, asked: CancelAsked, peer: PeerInfo) -> None:

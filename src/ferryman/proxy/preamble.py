@@ -12,11 +12,13 @@ Must not: decide anything (the handler does) or terminate TLS (``proxy.streams``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 from ferryman import proxyproto, tlshello
 from ferryman._aio import wait_fd
 from ferryman.errors import RemoteProtocolError
+from ferryman.identity.base import PeerInfo
 from ferryman.proxyproto.header import V1_MAX_LENGTH, V2_HEADER_LENGTH, V2_SIGNATURE
 from ferryman.routing import http_host
 
@@ -48,6 +50,26 @@ async def read_proxy_header(sock: socket.socket) -> proxyproto.ProxyHeader:
         result = proxyproto.parse_proxy_header(buf)
         if isinstance(result, proxyproto.ProxyHeader):
             return result
+
+
+async def read_proxy_peer(sock: socket.socket, peer: PeerInfo, timeout: float) -> PeerInfo:
+    """``peer`` as the load balancer's PROXY header names it (unchanged for ``LOCAL`` or
+    ``UNKNOWN``, which carry no client address), the header read within ``timeout``.
+
+    Raises RemoteProtocolError for a missing, malformed or late header, or a connection that
+    fails before it: the connection is refused (PostgreSQL mode answers 08P01)."""
+    try:
+        async with asyncio.timeout(timeout):
+            header = await read_proxy_header(sock)
+    except TimeoutError:
+        raise RemoteProtocolError("timed out waiting for the PROXY protocol header") from None
+    except OSError as exc:
+        raise RemoteProtocolError(
+            f"connection failed before the PROXY protocol header: {exc.strerror or exc}"
+        ) from None
+    if header.src_addr is None or header.src_port is None:
+        return peer
+    return dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
 
 
 def _recv_header_part(sock: socket.socket, buf: bytes) -> bytes:

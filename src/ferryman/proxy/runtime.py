@@ -148,6 +148,35 @@ class Runtime:
         )
         self.metrics.decided(listener.name, listener.mode, "allowed")
 
+    def audit_unreached(
+        self,
+        conn_id: str,
+        listener: ListenerConfig,
+        peer: PeerInfo,
+        identity: Identity,
+        backend: str,
+        detail: str,
+    ) -> None:
+        """The close record (and count) of an admitted connection whose backend could not be
+        reached: it never became a session, so it closes here with ``backend_error``."""
+        self.audit.write(
+            "close",
+            id=conn_id,
+            listener=listener.name,
+            mode=listener.mode,
+            user=identity.user,
+            node=identity.node,
+            source=peer.remote_addr,
+            backend=backend,
+            bytes_up=0,
+            bytes_down=0,
+            duration=0.0,
+            reason="backend_error",
+            closed_by="backend",
+            detail=detail,
+        )
+        self.metrics.closed(listener.name, listener.mode, "backend_error", 0, 0, 0.0)
+
     def session_closed(self, session: Session, info: CloseInfo) -> None:
         self.sessions.remove(session)
         record = session.describe()

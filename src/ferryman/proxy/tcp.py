@@ -25,7 +25,7 @@ from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import BackendUnavailable, FerrymanError, RemoteProtocolError, ShuttingDown
 from ferryman.identity.base import Identity, PeerInfo
 from ferryman.proxy.dial import dial_tcp
-from ferryman.proxy.preamble import read_proxy_header, sniff_client_hello, sniff_http_host
+from ferryman.proxy.preamble import read_proxy_peer, sniff_client_hello, sniff_http_host
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import Session, new_connection_id
 from ferryman.proxy.streams import Conn, accept_tls, connect_tls, open_relay
@@ -49,14 +49,6 @@ def with_local_address(peer: PeerInfo, sock: socket.socket) -> PeerInfo:
     except OSError:
         return peer
     return dataclasses.replace(peer, local_host=_unmapped(str(local[0])), local_port=int(local[1]))
-
-
-def behind_proxy(peer: PeerInfo, header: proxyproto.ProxyHeader) -> PeerInfo:
-    """``peer`` as the load balancer's PROXY header describes it (unchanged for ``LOCAL`` or
-    ``UNKNOWN``, which carry no client address)."""
-    if header.src_addr is None or header.src_port is None:
-        return peer
-    return dataclasses.replace(peer, remote_host=header.src_addr, remote_port=header.src_port)
 
 
 def _unmapped(host: str) -> str:
@@ -176,10 +168,8 @@ async def serve_tcp(
         if identity is None:
             async with asyncio.timeout(listener.proxy_protocol_timeout + listener.identity_timeout):
                 if listener.accept_proxy_protocol:
-                    # The header alone has its own, shorter bound (README, and as pg.py does);
-                    # a timeout here is audited as "timed out waiting for the PROXY ...".
-                    async with asyncio.timeout(listener.proxy_protocol_timeout):
-                        peer = behind_proxy(peer, await read_proxy_header(sock))
+                    # The header alone has its own, shorter bound (README).
+                    peer = await read_proxy_peer(sock, peer, listener.proxy_protocol_timeout)
                 waiting_for = {"passthrough": "the TLS ClientHello", "enabled": "the TLS handshake"}.get(
                     listener.tls, "the HTTP request head"
                 )
@@ -229,23 +219,8 @@ async def serve_tcp(
             client_conn.abort()
         sock.close()
         logger.warning("%s: backend unavailable: %s", listener.name, exc)
-        rt.audit.write(
-            "close",
-            id=conn_id,
-            listener=listener.name,
-            mode="tcp",
-            user=identity.user,
-            node=identity.node,
-            source=peer.remote_addr,
-            backend=describe_target(route.targets[0]) if route.targets else "",
-            bytes_up=0,
-            bytes_down=0,
-            duration=0.0,
-            reason="backend_error",
-            closed_by="backend",
-            detail=str(exc),
-        )
-        rt.metrics.closed(listener.name, "tcp", "backend_error", 0, 0, 0.0)
+        backend_name = describe_target(route.targets[0]) if route.targets else ""
+        rt.audit_unreached(conn_id, listener, peer, identity, backend_name, str(exc))
         return
     except BaseException:
         lease.release()
