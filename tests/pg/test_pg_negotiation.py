@@ -4,7 +4,8 @@
   NegotiateProtocolVersion (version 3.0, the ``_pq_`` names) before AuthenticationOk, exactly
   as PostgreSQL 15/16 answers, and then a working 3.0 session; ``_pq_.*`` never reaches the
   backend. libpq 18 asking for 3.2 ends up on 3.0; libpq 15 (psql) and asyncpg see no change.
-  Major versions other than 3 are refused (08P01).
+  Major versions other than 3 are refused with PostgreSQL's answer (0A000, "unsupported frontend
+  protocol 9.0: server supports 3.0 to 3.0").
 * Direct TLS (``sslnegotiation=direct``) needs ALPN ``postgresql``, as in PostgreSQL 17: a
   client offering only ``h2`` (or nothing) is refused with 08P01; the SSLRequest path needs no
   ALPN.
@@ -305,7 +306,9 @@ async def test_other_major_versions_are_refused(tmp_path: Path, cluster: PgClust
         return
     assert kinds(messages) == [b"E"]
     error = fields(messages[0][1])
-    assert error["C"] == b"08P01" and b"unsupported frontend protocol" in error["M"]
+    assert error["C"] == b"0A000", error
+    major, minor = version >> 16, version & 0xFFFF
+    assert error["M"] == f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0".encode()
 
 
 def _direct_tls_context(ca: str, alpn: list[str] | None) -> ssl.SSLContext:

@@ -64,7 +64,7 @@ def fatal_code(reply: bytes) -> str | None:
     [
         ("oversized startup", [struct.pack("!ii", 1_000_000, 196608) + b"x" * 100], "08P01"),
         ("garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], "08P01"),
-        ("unknown protocol version", [startup({"user": "x"}, version=(9 << 16))], "08P01"),
+        ("unknown protocol version", [startup({"user": "x"}, version=(9 << 16))], "0A000"),
         ("truncated startup", [struct.pack("!i", 40) + b"\x00\x03"], None),
     ],
 )

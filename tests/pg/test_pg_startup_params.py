@@ -140,6 +140,9 @@ LEAK_PROBE = (
         "--ferryman.presets=readonly --statement_timeout=1234",
         "-c waypoint.presets=readonly -c statement_timeout=1234",
         "-c statement_timeout=1234 -c Ferryman.Presets=ReadOnly",
+        # getopt groups: -e (European dates) and our setting in one word, and apart.
+        "-ecferryman.presets=readonly --statement_timeout=1234",
+        "-ec ferryman.presets=readonly -c statement_timeout=1234",
     ],
 )
 async def test_options_mixing_a_setting_with_ours(
@@ -384,12 +387,21 @@ def test_split_options_like_pg_split_opts(options: str, words: list[str]) -> Non
             "readonly",
             "-c a.b=hello\\ world -c a.c=t\\\tb\\\\",
         ),
-        # The long and attached forms of other settings are kept as settings.
+        # The long and attached forms of other settings are kept as the client wrote them.
         (
             {"options": "--statement_timeout=5 -cwork_mem=64kB --ferryman.presets=admin"},
             "admin",
-            "-c statement_timeout=5 -c work_mem=64kB",
+            "--statement_timeout=5 -cwork_mem=64kB",
         ),
+        # Switches grouped in one word, as getopt reads them: ours is found inside the group,
+        # and the group's other switches go on one by one.
+        ({"options": "-ecferryman.presets=readonly"}, "readonly", "-e"),
+        ({"options": "-ec ferryman.presets=readonly -c a.b=x"}, "readonly", "-e -c a.b=x"),
+        ({"options": "-e-ferryman.presets=readonly"}, "readonly", "-e"),
+        ({"options": "-Fc ferryman.presets=admin -B 64"}, "admin", "-F -B 64"),
+        # A switch's argument is the next word even when it looks like a switch: not ours.
+        ({"options": "-B -cferryman.presets=admin"}, None, "-B -cferryman.presets=admin"),
+        ({"options": "-eB16 -c ferryman.presets=admin"}, "admin", "-eB16"),
         # Nothing of ours: passed on byte for byte, odd spacing included.
         ({"options": "  -c a.b=x\\ y\t--c.d=z "}, None, "  -c a.b=x\\ y\t--c.d=z "),
         ({"options": "-c a.b=x\u00a0y -c a.c=\x1f"}, None, "-c a.b=x\u00a0y -c a.c=\x1f"),

@@ -266,8 +266,12 @@ def test_startup_message_helpers() -> None:
     ],
 )
 def test_malformed_startup_packets(wire: bytes, fragment: str) -> None:
-    with pytest.raises(RemoteProtocolError, match=fragment):
+    with pytest.raises(RemoteProtocolError, match=fragment) as info:
         pw.parse_startup_packet(wire)
+    # PostgreSQL's codes: feature_not_supported for a version, invalid_authorization_specification
+    # for a missing user, protocol_violation for the rest.
+    expected = {"unsupported frontend protocol": "0A000", "no PostgreSQL user name": "28000"}
+    assert info.value.sqlstate == next((c for f, c in expected.items() if fragment.startswith(f)), "08P01")
 
 
 def test_missing_user_is_28000() -> None:

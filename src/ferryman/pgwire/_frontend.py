@@ -221,7 +221,7 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
     Raises:
         RemoteProtocolError: the length word disagrees with ``len(packet)``, the code is
             neither a known request nor protocol 3.x ("unsupported frontend protocol",
-            08P01), or the body is malformed.
+            0A000 as PostgreSQL), or the body is malformed (08P01).
     """
     if len(packet) < 8:
         raise RemoteProtocolError(f"invalid length of startup packet ({len(packet)} bytes)")
@@ -237,7 +237,13 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
         return CancelRequest.parse(body)
     major, minor = (code >> 16) & 0xFFFF, code & 0xFFFF
     if major != 3:
-        raise RemoteProtocolError(f"unsupported frontend protocol {major}.{minor}: ferryman supports 3.0")
+        # PostgreSQL's words and code (postmaster.c, ProcessStartupPacket). It answers a 2.0
+        # client in the old message format; protocol 2 clients are gone (libpq 14 dropped
+        # them), so ferryman answers every version in the 3.0 format.
+        raise RemoteProtocolError(
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+            sqlstate=sqlstate.FEATURE_NOT_SUPPORTED,
+        )
     return StartupMessage.parse(code, body)
 
 

@@ -95,13 +95,69 @@ def _join_options(words: list[str]) -> str:
     )
 
 
+SWITCHES_WITH_ARGUMENT = frozenset("BCDdfhkNprStvWc-")
+"""The letters of the server's switch parser (``process_postgres_switches``: getopt with
+``"B:bC:c:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:"``) that take an argument, attached
+(``-cname=value``) or in the next word. ``c`` and ``-`` carry a setting (``--name=value``)."""
+
+
+def _take_settings(words: list[str], names: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Read ``options`` words as the server's getopt does -- switches grouped in one word
+    (``-ec name=value``), arguments attached or in the next word, ``--`` ending the switches --
+    and take out the settings whose name is one of ``names`` (case-insensitive).
+
+    Returns the remaining words (each switch of a group that held one of ours re-emitted on its
+    own; settings as ``-c name=value``) and the values taken, in order."""
+    kept: list[str] = []
+    taken: list[str] = []
+    i = 0
+    while i < len(words):
+        start = i
+        word = words[i]
+        i += 1
+        if word == "--":
+            kept.extend(words[i - 1 :])  # getopt: the end of the switches; the server refuses the rest
+            break
+        if len(word) < 2 or word[0] != "-":
+            kept.append(word)  # not a switch (the server refuses it too)
+            continue
+        group: list[str] = []
+        found = False
+        for j in range(1, len(word)):
+            letter = word[j]
+            if letter not in SWITCHES_WITH_ARGUMENT:
+                group.append("-" + letter)
+                continue
+            argument: str | None = word[j + 1 :]
+            if not argument:
+                argument = words[i] if i < len(words) else None
+                if argument is not None:
+                    i += 1
+            if argument is None:
+                group.append("-" + letter)  # a missing argument: the server says so
+            elif letter in "c-":
+                name, _, value = argument.partition("=")
+                if name.strip().lower() in names:
+                    taken.append(value)
+                    found = True
+                else:
+                    group.extend(["-c", argument])
+            else:
+                group.extend(["-" + letter, argument])
+            break
+        # A group without one of ours stays as the client wrote it (with its argument word).
+        kept.extend(group if found else words[start:i])
+    return kept, taken
+
+
 def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, str]]:
     """Our preset request (``ferryman_presets``, ``-c ferryman.presets=…``, Waypoint aliases)
     and the parameters to forward, with our settings removed from ``options``.
 
-    ``options`` is read as the server reads it (``pg_split_opts``, then ``-c name=value``,
-    ``-cname=value`` or ``--name=value``); when it holds none of our settings it is forwarded
-    unchanged, otherwise re-escaped from the remaining words."""
+    ``options`` is read as the server reads it (``pg_split_opts``, then getopt: ``-c
+    name=value``, ``-cname=value``, ``--name=value``, switches grouped as in ``-ec name=value``);
+    when it holds none of our settings it is forwarded unchanged, otherwise re-escaped from the
+    remaining words."""
     forward = {
         k: v
         for k, v in parameters.items()
@@ -110,34 +166,12 @@ def extract_presets(parameters: dict[str, str]) -> tuple[str | None, dict[str, s
     requested: list[str] = [parameters[k] for k in PRESET_PARAMETERS if parameters.get(k)]
     options = parameters.get("options")
     if options:
-        words = split_options(options)
-        kept: list[str] = []
-        removed = False
-        i = 0
-        while i < len(words):
-            word = words[i]
-            setting: str | None = None
-            if word == "--":
-                kept.extend(words[i:])  # getopt: the end of the options; the server refuses the rest
-                break
-            if word == "-c" and i + 1 < len(words):
-                setting, i = words[i + 1], i + 2
-            elif (word.startswith("-c") and len(word) > 2) or word.startswith("--"):
-                setting, i = word[2:], i + 1
-            else:
-                kept.append(word)
-                i += 1
-                continue
-            name, _, value = setting.partition("=")
-            if name.strip().lower() in PRESET_SETTINGS:
-                requested.append(value)
-                removed = True
-            else:
-                kept.extend(["-c", setting])
+        kept, ours = _take_settings(split_options(options), PRESET_SETTINGS)
+        requested.extend(ours)
         # Nothing of ours in it: the client's own string goes on byte for byte.
-        if removed and kept:
+        if ours and kept:
             forward["options"] = _join_options(kept)
-        elif removed:
+        elif ours:
             forward.pop("options", None)
     return (",".join(requested) if requested else None), forward
 
