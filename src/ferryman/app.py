@@ -81,8 +81,10 @@ def build_sources(config: Config, tailscale: LocalAPIClient | None = None) -> di
     return sources
 
 
-def read_policy(config: Config) -> Policy:
-    """Load the policy file named by ``config`` (empty policy when none). Raises ConfigError."""
+def read_policy(config: Config, *, log_warnings: bool = True) -> Policy:
+    """Load the policy file named by ``config`` (empty policy when none); its warnings are
+    logged unless ``log_warnings`` is off (``ferryman check`` prints them itself). Raises
+    ConfigError."""
     if not config.policy_file:
         return EMPTY_POLICY
     policy = load_policy(
@@ -90,8 +92,9 @@ def read_policy(config: Config) -> Policy:
         capability=capability_of(config),
         listeners=[item.name for item in config.listeners],
     )
-    for warning in policy.warnings:
-        logger.warning("policy: %s", warning)
+    if log_warnings:
+        for warning in policy.warnings:
+            logger.warning("policy: %s", warning)
     return policy
 
 

@@ -61,7 +61,10 @@ def test_bad_duration_names_key_and_line() -> None:
 
 def test_missing_required_key() -> None:
     text = BASE.replace('backend = "127.0.0.1:6379"\n', "")
-    assert error_of(text) == "gw.toml:6: listeners[0].backend: required (or give rules / sni.forwards_to)"
+    assert error_of(text) == (
+        "gw.toml:6: listeners[0].backend: required (or give rules, or sni.forwards_to with "
+        "sni.forward_if_no_match = true)"
+    )
     text = BASE.replace('name = "redis"\n', "")
     assert error_of(text) == "gw.toml:6: listeners[0].name: required key is missing"
 
@@ -201,6 +204,25 @@ def test_check_command_accepts_valid_config(tmp_path: Path) -> None:
     result = run_check(tmp_path, 'policy_file = "policy.json"\n' + BASE, '{"grants": [] /* none yet */,}')
     assert result.returncode == 0, result.stderr
     assert "1 listener(s)" in result.stdout
+
+
+def test_check_command_prints_each_warning_once(tmp_path: Path) -> None:
+    policy = (
+        '{"grants": [{"src": ["*"], "app": {"ferryman.dev/cap/ferryman": [{"backends": {"nope": {}}}]}}]}'
+    )
+    result = run_check(tmp_path, 'policy_file = "policy.json"\n' + BASE, policy)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "nope" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: "), result.stderr
+
+
+def test_forwards_to_without_forward_if_no_match_does_not_replace_backend() -> None:
+    """``sni.forwards_to`` is only used with ``forward_if_no_match``: on its own it would leave a
+    listener that refuses every connection, so it does not make ``backend`` optional."""
+    no_backend = BASE.replace('backend = "127.0.0.1:6379"\n', "")
+    sni = 'sni = { forward_if_no_match = %s, forwards_to = { host = "127.0.0.1", port = 6379 } }\n'
+    assert error_of(no_backend + sni % "false").startswith("gw.toml:6: listeners[0].backend: required")
+    assert load_config_text(no_backend + sni % "true", file="gw.toml", env={}).listeners[0].routes_by_name
 
 
 def test_check_command_rejects_with_location(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferryman",
         description="Identity-aware gateway for TCP services and PostgreSQL.",
-        epilog="Documentation: README.md and docs/configuration.md in the source tree.",
+        epilog='Documentation: README.md in the source tree (its "Configuration reference").',
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -85,7 +85,7 @@ def _check(path: str) -> int:
 
     try:
         config = load_config(path)
-        policy = read_policy(config)
+        policy = read_policy(config, log_warnings=False)
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 2

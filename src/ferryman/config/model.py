@@ -63,7 +63,8 @@ class _Model(BaseModel):
 
 class StateConfig(_Model):
     url: str = ""
-    """``sqlite:///path`` (default: a file in the state directory) or ``postgresql://…``."""
+    """``sqlite:///path`` or ``postgresql://…``: the shared state of the admin API and fleets.
+    Accepted so configurations can carry it; nothing in this build checks or uses it yet."""
 
 
 class AdminConfig(_Model):
@@ -188,7 +189,8 @@ class SniConfig(_Model):
 class RuleConfig(_Model):
     domain: str
     """A regular expression matched in full, case-insensitively, against the SNI name (or the
-    HTTP Host header on plaintext listeners); a leading ``*.`` is a wildcard for one or more labels."""
+    HTTP Host header on plaintext listeners); a pattern starting with ``*`` is a wildcard instead
+    (``*`` = any characters, the rest literal), as in Otoroshi."""
     targets: tuple[TargetConfig, ...] = Field(min_length=1)
     alpn: tuple[str, ...] = ()
     """Also require one of these ALPN protocols (offered by the client with passthrough,
@@ -240,7 +242,8 @@ class ListenerConfig(_Model):
     listen: str
     mode: Literal["tcp", "postgres"] = "tcp"
     backend: str | None = None
-    """``host:port`` to dial; optional when ``rules`` (or ``sni.forwards_to``) say where to go."""
+    """``host:port`` to dial; optional when ``rules`` (or ``sni.forwards_to`` with
+    ``forward_if_no_match``) say where to go."""
     tls: Literal["disabled", "passthrough", "enabled"] = "disabled"
     """TCP listeners: ``passthrough`` routes on the ClientHello's SNI and forwards the TLS bytes
     untouched; ``enabled`` terminates TLS with the listener's certificates."""
@@ -338,7 +341,10 @@ class ListenerConfig(_Model):
     @property
     def routes_by_name(self) -> bool:
         """Whether the backend is chosen per connection from SNI/Host rules."""
-        return bool(self.rules) or (self.sni is not None and self.sni.forwards_to is not None)
+        sni = self.sni
+        return bool(self.rules) or (
+            sni is not None and sni.forward_if_no_match and sni.forwards_to is not None
+        )
 
     @property
     def reads_before_identity(self) -> bool:
@@ -442,7 +448,10 @@ class Config(_Model):
                         f"(configured: {', '.join(sorted(configured)) or 'none'})"
                     )
             if listener.backend is None and not listener.routes_by_name:
-                raise ValueError(f"@listeners.{index}.backend: required (or give rules / sni.forwards_to)")
+                raise ValueError(
+                    f"@listeners.{index}.backend: required (or give rules, or sni.forwards_to "
+                    "with sni.forward_if_no_match = true)"
+                )
             if listener.mode == "postgres" and listener.tls != "disabled":
                 raise ValueError(f"@listeners.{index}.tls: postgres listeners use tls_mode")
             if listener.tls == "enabled" and not listener.has_certificates:
