@@ -37,14 +37,27 @@ def spawn(
     return task
 
 
+RECANCEL_INTERVAL = 1.0
+"""Seconds :func:`cancel_and_wait` gives a cancelled task before cancelling it again."""
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait for them, without swallowing our own cancellation."""
-    pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    if not pending:
-        return
-    await asyncio.gather(*pending, return_exceptions=True)
+    """Cancel ``tasks`` and wait for them, without swallowing our own cancellation.
+
+    A task still running :data:`RECANCEL_INTERVAL` after its cancellation is cancelled again,
+    until it ends: code that swallows a cancellation would otherwise run on and this wait would
+    never end. Python 3.11's ``asyncio.wait_for`` does swallow one when what it waits for
+    finishes at the same moment (cpython gh-86296); psycopg_pool waits with it, so a
+    provisioner's sweeper cancelled by a reload just as its admin pool became ready went on to
+    sleep for its whole sweep interval, and the reload with it."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        done, pending = await asyncio.wait(pending, timeout=RECANCEL_INTERVAL)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: its end was asked for, not awaited by anyone else
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError

@@ -121,6 +121,10 @@ def _policy_stamp(path: str | None) -> tuple[float, int] | None:
 class Gateway:
     """A running ferryman: listeners, sessions, revalidation, reload and shutdown."""
 
+    socket_sweep_interval: float = 5.0
+    """Seconds between sweeps for resets the event loop did not report (see
+    :meth:`_socket_sweep_loop`); one ``getsockopt`` per quiet socket per sweep."""
+
     def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = False) -> None:
         self.config = config
         self.config_path = config_path
@@ -135,6 +139,9 @@ class Gateway:
         self.runtime.access.listeners = self.runtime.listeners
         self.listeners: dict[str, Listener] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired_conns: set[asyncio.Task[Any]] = set()
+        """Connection tasks of listeners a reload stopped (removed or rebound), until they end:
+        shutdown waits for them and cuts them like the running listeners' own."""
         self._sweepers: dict[str, asyncio.Task[Any]] = {}
         self._renewers: dict[str, asyncio.Task[Any]] = {}
         self._stop = asyncio.Event()
@@ -169,6 +176,7 @@ class Gateway:
             await self._start_resources(item, tls[item.name])
             self._start_listener(item, bound[item.name])
         spawn(self._revalidation_loop(), name="revalidation", owner=self._tasks)
+        spawn(self._socket_sweep_loop(), name="socket sweep", owner=self._tasks)
         await self.admin.apply(self.config.admin)
         logger.info(
             "ferryman started with %d listener(s)",
@@ -376,10 +384,30 @@ class Gateway:
         listener = self.listeners.pop(name, None)
         if listener is not None:
             listener.stop_accepting()
+            for task in listener.tasks:
+                self._retired_conns.add(task)
+                task.add_done_callback(self._retired_conns.discard)
         if close_sessions:
             self.runtime.listeners.pop(name, None)
             for session in self.runtime.sessions.for_listener(name):
                 session.close("shutdown", "listener removed from configuration")
+
+    # -- quiet relays -----------------------------------------------------------------------
+
+    async def _socket_sweep_loop(self) -> None:
+        """Every :attr:`socket_sweep_interval`, relays quiet for at least that long look for a
+        peer's reset that the event loop stopped reporting (``Relay.check_errors``: a reset
+        right behind data is reported once, with the data). Bounds how long such a dead
+        connection keeps its sockets, session and limits: one to two intervals."""
+        loop = asyncio.get_running_loop()
+        while True:
+            interval = self.socket_sweep_interval
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for session in list(self.runtime.sessions):
+                relay = session.relay
+                if relay is not None and not relay.closed and now - relay.last_activity >= interval:
+                    relay.check_errors()
 
     # -- revalidation ---------------------------------------------------------------------
 
@@ -488,7 +516,7 @@ class Gateway:
         rt.draining = True
         for name in list(self.listeners):
             self.listeners[name].stop_accepting()
-        conn_tasks = {t for lis in self.listeners.values() for t in lis.tasks}
+        conn_tasks = {t for lis in self.listeners.values() for t in lis.tasks} | self._retired_conns
         self.listeners.clear()
         # A live connection is a task (set-up; PostgreSQL mode keeps its task to the end) or a
         # TCP-mode session, whose relay runs without a task once set up.

@@ -196,12 +196,13 @@ def test_startup_limit_is_configurable() -> None:
     assert server.next_event() == STARTUP
 
 
-def test_unknown_protocol_version_is_08p01() -> None:
+def test_unknown_protocol_version_is_0a000() -> None:
+    """PostgreSQL's answer to another major version: feature_not_supported."""
     server = pw.ServerConnection()
     server.receive_data(b"\x00\x00\x00\x08\x00\x02\x00\x00")
     with pytest.raises(RemoteProtocolError, match=r"unsupported frontend protocol 2\.0") as info:
         server.next_event()
-    assert info.value.sqlstate == "08P01"
+    assert info.value.sqlstate == "0A000"
 
 
 def test_protocol_3_2_is_parsed_and_negotiated_down() -> None:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from ferryman.errors import AccessDenied, InvalidParameter, PermissionDenied
+from ferryman.errors import AccessDenied, BackendUnavailable, InvalidParameter, PermissionDenied
 from ferryman.policy.model import PgDatabaseGrant
 from ferryman.provision import Provisioner, group_name, marker_name
 from tests.provision.conftest import APPDB, allowed, connect_as
@@ -321,3 +321,14 @@ async def test_cold_vs_warm_timing(cluster: PgCluster, prov: Provisioner) -> Non
         f"warm {ms(warm) * 1e6:.1f} us; one SCRAM login as the role {direct * 1e3:.2f} ms"
     )
     assert ms(warm) < 0.001 < ms(cold)
+
+
+async def test_a_closed_provisioner_says_the_backend_is_unavailable(prov: Provisioner) -> None:
+    """A connection still setting up when its listener's provisioner closes (a reload removed
+    or replaced the listener) gets BackendUnavailable -- an answer the gateway sends as 08006 --
+    not an internal error; cached logins need no backend and still answer."""
+    cached = await prov.ensure_login("cached@example.com", "", APPDB, grant("readonly"))
+    await prov.close()
+    with pytest.raises(BackendUnavailable, match="closed"):
+        await prov.ensure_login("late@example.com", "", APPDB, grant("readonly"))
+    assert await prov.ensure_login("cached@example.com", "", APPDB, grant("readonly")) == cached

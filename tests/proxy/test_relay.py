@@ -184,6 +184,50 @@ async def test_client_reset_ends_the_relay() -> None:
     h.backend_app.close()
 
 
+@pytest.mark.parametrize("splice", [True, False])
+@pytest.mark.parametrize("size", [1000, 200_000])
+async def test_backend_reset_right_after_its_last_bytes_ends_the_relay(splice: bool, size: int) -> None:
+    """The reply and the backend's RST arrive together, while the client waits quietly for
+    the end. uvloop reports such a socket (EPOLLERR) to its reader once and then stops
+    polling it, so the relay does not learn of the reset from another readiness callback;
+    ``check_errors`` (the gateway's sweep of quiet relays) finds it: the relay ends with
+    backend_error, after forwarding what the backend sent first."""
+    h = Harness(splice=splice)
+    h.relay.start()
+    reply = os.urandom(size)
+    sent = h.backend_app.send(reply)  # whatever fits at once; on loopback it is on its way
+    h.backend_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    h.backend_app.close()  # RST right behind the data, before the relay has read any of it
+    async with asyncio.timeout(5.0):
+        while not h.relay.closed:
+            await asyncio.sleep(0.05)
+            h.relay.check_errors()
+    info = await bounded(h.relay.done)
+    assert (info.reason, info.closed_by) == ("backend_error", "backend")
+    got = await h.recv_all(h.client_app)
+    assert got == reply[: len(got)] and len(got) <= sent
+    if size <= 1000:
+        assert got == reply
+    h.client_app.close()
+
+
+async def test_check_errors_leaves_a_healthy_quiet_relay_alone() -> None:
+    h = Harness()
+    h.relay.start()
+    h.relay.check_errors()
+    h.relay.check_errors()
+    assert not h.relay.closed
+    h.client_app.sendall(b"ping")
+    assert await h.recv_all(h.backend_app, 4) == b"ping"
+    h.backend_app.sendall(b"pong")
+    assert await h.recv_all(h.client_app, 4) == b"pong"
+    h.client_app.shutdown(socket.SHUT_WR)
+    h.backend_app.shutdown(socket.SHUT_WR)
+    info = await bounded(h.relay.done)
+    assert (info.reason, h.relay.bytes) == ("normal", [4, 4])
+    h.close_apps()
+
+
 async def test_close_is_idempotent_and_closes_both_sockets() -> None:
     h = Harness()
     h.relay.start()

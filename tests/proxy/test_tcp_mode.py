@@ -1,6 +1,7 @@
 """TCP mode end to end: a real gateway on loopback, real clients, real backends (SPEC §4)."""
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import socket
@@ -529,3 +530,73 @@ async def test_audit_to_stdout_is_json_lines(tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert '"event":"decision"' in out and '"note":"hello"' in out
+
+
+async def test_backend_reset_behind_its_last_bytes_ends_a_quiet_connection(
+    files: GatewayFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's reply and its RST arrive together while the client only waits. The event
+    loop reports that socket once (the reply is read and forwarded) and then never again, so
+    the gateway's sweep of quiet relays has to find the reset: the client's connection ends
+    and the close record says backend_error, instead of both sockets being held forever."""
+    monkeypatch.setattr(Gateway, "socket_sweep_interval", 0.2)
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        port = files.add_listener("rst", f"127.0.0.1:{server.getsockname()[1]}")
+        files.grants.append(grant({"rst": {}}))
+        async with running_gateway(files):
+            reader, writer = await connect(port)
+            backend, _ = await loop.sock_accept(server)
+            await asyncio.sleep(0.1)  # the relay is waiting on both sides
+            backend.setblocking(True)
+            backend.sendall(b"bye")
+            backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            backend.close()  # a RST right behind the reply
+            async with asyncio.timeout(10):
+                assert await read_until_closed(reader) == b"bye"
+            writer.close()
+            await wait_for(files.closes)
+    (close,) = files.closes()
+    assert (close["reason"], close["closed_by"], close["bytes_down"]) == ("backend_error", "backend", 3)
+
+
+async def test_connection_dialling_when_its_listener_is_removed_is_not_relayed(files: GatewayFiles) -> None:
+    """A reload removes a listener while one of its connections is still dialling (the
+    backend's accept queue is full, so the SYN waits for a retransmission). When the dial
+    completes, the connection is ended like the listener's sessions were -- reason shutdown,
+    one close record -- instead of living on as a session of a listener that is gone."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        backend_port = server.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", backend_port))
+            fillers.append(filler)
+        port = files.add_listener("gone", f"127.0.0.1:{backend_port}", dial_timeout="10s")
+        files.grants.append(grant({"gone": {}}))
+        try:
+            async with running_gateway(files) as gateway:
+                reader, writer = await connect(port)
+                await wait_for(lambda: [r for r in files.audit() if r["event"] == "decision"])
+                files.listeners.clear()
+                files.write()
+                assert await gateway.reload()
+                server.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while True:  # free the accept queue: the gateway's SYN gets through
+                        server.accept()[0].close()
+                async with asyncio.timeout(10):
+                    assert await read_until_closed(reader, timeout=10) == b""
+                writer.close()
+                await wait_for(files.closes)
+                assert not list(gateway.runtime.sessions)
+        finally:
+            for filler in fillers:
+                filler.close()
+    (close,) = files.closes()
+    assert (close["reason"], close["closed_by"]) == ("shutdown", "gateway")
+    assert close["detail"] == "listener removed from configuration"

@@ -192,6 +192,10 @@ class Backend:
 
     def _admin_pool(self) -> AsyncConnectionPool[Conn]:
         if self._admin is None:
+            if self._closed:
+                # Closed under a caller (a reload removed or replaced the listener while its
+                # connection was being set up): the same answer as a per-database pool's.
+                raise BackendUnavailable("provisioning backend is closed")
             raise RuntimeError("Backend.open() has not run")
         return self._admin
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,12 @@ class Runtime:
     pg_cancel: dict[tuple[int, bytes], CancelTarget] = field(default_factory=dict)
     """Our (process id, secret key) handed to a client → its backend session."""
     listeners: dict[str, ListenerConfig] = field(default_factory=dict)
-    _sources: dict[int, tuple[ListenerConfig, Config, tuple[str, ...]]] = field(default_factory=dict)
     """The running listeners' configuration by name (kept current by the gateway)."""
+    _sources: dict[int, tuple[ListenerConfig, tuple[str, ...]]] = field(default_factory=dict)
+    _sources_of: weakref.ref[Config] | None = None
+    """The configuration ``_sources`` was worked out for (weakly: a reload's new one starts it
+    afresh, and the replaced one is not kept alive by it -- entries that held their
+    configuration kept every replaced one alive, one more per reload)."""
 
     def listener_config(self, name: str) -> ListenerConfig | None:
         return self.listeners.get(name)
@@ -77,11 +82,16 @@ class Runtime:
                 return key
 
     def sources_for(self, listener: ListenerConfig) -> tuple[str, ...]:
+        """The identity sources ``listener`` tries, under the current configuration (remembered)."""
+        config = self.config
+        if self._sources_of is None or self._sources_of() is not config:
+            self._sources.clear()
+            self._sources_of = weakref.ref(config)
         key = id(listener)
         cached = self._sources.get(key)
-        if cached is None or cached[0] is not listener or cached[1] is not self.config:
-            cached = self._sources[key] = (listener, self.config, self.config.sources_for(listener))
-        return cached[2]
+        if cached is None or cached[0] is not listener:
+            cached = self._sources[key] = (listener, config.sources_for(listener))
+        return cached[1]
 
     def audit_refusal(
         self,
@@ -156,9 +166,13 @@ class Runtime:
         identity: Identity,
         backend: str,
         detail: str,
+        *,
+        reason: str = "backend_error",
+        closed_by: str = "backend",
     ) -> None:
         """The close record (and count) of an admitted connection whose backend could not be
-        reached: it never became a session, so it closes here with ``backend_error``."""
+        reached: it never became a session, so it closes here -- with ``backend_error``, or
+        with ``shutdown`` when a forced shutdown cut it while it was still dialling."""
         self.audit.write(
             "close",
             id=conn_id,
@@ -171,11 +185,11 @@ class Runtime:
             bytes_up=0,
             bytes_down=0,
             duration=0.0,
-            reason="backend_error",
-            closed_by="backend",
+            reason=reason,
+            closed_by=closed_by,
             detail=detail,
         )
-        self.metrics.closed(listener.name, listener.mode, "backend_error", 0, 0, 0.0)
+        self.metrics.closed(listener.name, listener.mode, reason, 0, 0, 0.0)
 
     def session_closed(self, session: Session, info: CloseInfo) -> None:
         self.sessions.remove(session)

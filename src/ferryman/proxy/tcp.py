@@ -24,6 +24,7 @@ from ferryman import proxyproto
 from ferryman.config.model import ListenerConfig, TargetConfig
 from ferryman.errors import BackendUnavailable, FerrymanError, RemoteProtocolError, ShuttingDown
 from ferryman.identity.base import Identity, PeerInfo
+from ferryman.limits.tracker import Lease
 from ferryman.proxy.dial import dial_tcp
 from ferryman.proxy.preamble import read_proxy_peer, sniff_client_hello, sniff_http_host
 from ferryman.proxy.runtime import Runtime
@@ -208,24 +209,44 @@ async def serve_tcp(
         sock.close()
         rt.audit_refusal(conn_id, listener, peer, identity, _as_error(exc, waiting_for))
         return
+    except asyncio.CancelledError:
+        # A forced shutdown cut the set-up (a stalled header or handshake): the socket is still ours.
+        if client_conn is not None:
+            client_conn.abort()
+        sock.close()
+        rt.audit_refusal(
+            conn_id, listener, peer, identity, ShuttingDown(f"shut down waiting for {waiting_for}")
+        )
+        raise
     rt.audit_admitted(conn_id, listener, peer, identity, auth.origins, sni=peer.sni, route=route.rule)
     if listener.proxy_protocol != "off":
         peer = with_local_address(peer, sock)
     try:
         backend, backend_conn, first_bytes, target = await connect_route(rt, listener, route, peer)
     except BackendUnavailable as exc:
-        lease.release()
-        if client_conn is not None:
-            client_conn.abort()
-        sock.close()
         logger.warning("%s: backend unavailable: %s", listener.name, exc)
-        backend_name = describe_target(route.targets[0]) if route.targets else ""
-        rt.audit_unreached(conn_id, listener, peer, identity, backend_name, str(exc))
+        _end_unrelayed(rt, conn_id, listener, peer, identity, route, sock, client_conn, lease, str(exc))
         return
-    except BaseException:
-        lease.release()
-        sock.close()
+    except BaseException as exc:
+        # Admitted, so it gets its close record: a forced shutdown cut the dial (or a bug did).
+        if isinstance(exc, asyncio.CancelledError):
+            reason, detail = "shutdown", "gateway shut down while dialling the backend"
+        else:
+            reason, detail = "error", f"dialling the backend failed: {exc!r}"
+        _end_unrelayed(
+            rt, conn_id, listener, peer, identity, route, sock, client_conn, lease, detail, reason=reason
+        )
         raise
+    if listener.name not in rt.listeners:
+        # A reload removed the listener while we dialled: end like the sessions it closed.
+        if backend_conn is not None:
+            backend_conn.abort()
+        backend.close()
+        detail = "listener removed from configuration"
+        _end_unrelayed(
+            rt, conn_id, listener, peer, identity, route, sock, client_conn, lease, detail, reason="shutdown"
+        )
+        return
     session = Session(
         id=conn_id,
         listener=listener.name,
@@ -251,6 +272,34 @@ async def serve_tcp(
         splice=rt.splice,
         initial_up=initial,
         initial_down=first_bytes,
+    )
+
+
+def _end_unrelayed(
+    rt: Runtime,
+    conn_id: str,
+    listener: ListenerConfig,
+    peer: PeerInfo,
+    identity: Identity,
+    route: Route,
+    sock: socket.socket,
+    client_conn: Conn | None,
+    lease: Lease,
+    detail: str,
+    *,
+    reason: str = "backend_error",
+) -> None:
+    """Close an admitted connection that never reached the relay, with its close record:
+    ``backend_error`` (closed by the backend) when no target answered, else closed by the
+    gateway with ``reason``."""
+    lease.release()
+    if client_conn is not None:
+        client_conn.abort()
+    sock.close()
+    backend_name = describe_target(route.targets[0]) if route.targets else ""
+    closed_by = "backend" if reason == "backend_error" else "gateway"
+    rt.audit_unreached(
+        conn_id, listener, peer, identity, backend_name, detail, reason=reason, closed_by=closed_by
     )
 
 
