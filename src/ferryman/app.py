@@ -123,7 +123,7 @@ class Gateway:
 
     socket_sweep_interval: float = 5.0
     """Seconds between sweeps for resets the event loop did not report (see
-    :meth:`_socket_sweep_loop`); one ``getsockopt`` per quiet socket per sweep."""
+    :meth:`_housekeeping_loop`); one ``getsockopt`` per quiet socket per sweep."""
 
     def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = False) -> None:
         self.config = config
@@ -176,7 +176,7 @@ class Gateway:
             await self._start_resources(item, tls[item.name])
             self._start_listener(item, bound[item.name])
         spawn(self._revalidation_loop(), name="revalidation", owner=self._tasks)
-        spawn(self._socket_sweep_loop(), name="socket sweep", owner=self._tasks)
+        spawn(self._housekeeping_loop(), name="housekeeping", owner=self._tasks)
         await self.admin.apply(self.config.admin)
         logger.info(
             "ferryman started with %d listener(s)",
@@ -392,13 +392,14 @@ class Gateway:
             for session in self.runtime.sessions.for_listener(name):
                 session.close("shutdown", "listener removed from configuration")
 
-    # -- quiet relays -----------------------------------------------------------------------
+    # -- housekeeping -----------------------------------------------------------------------
 
-    async def _socket_sweep_loop(self) -> None:
+    async def _housekeeping_loop(self) -> None:
         """Every :attr:`socket_sweep_interval`, relays quiet for at least that long look for a
         peer's reset that the event loop stopped reporting (``Relay.check_errors``: a reset
-        right behind data is reported once, with the data). Bounds how long such a dead
-        connection keeps its sockets, session and limits: one to two intervals."""
+        right behind data is reported once, with the data), which bounds how long such a dead
+        connection keeps its sockets, session and limits to one or two intervals; and the
+        limit tracker forgets bandwidth windows nobody needs any more."""
         loop = asyncio.get_running_loop()
         while True:
             interval = self.socket_sweep_interval
@@ -408,6 +409,7 @@ class Gateway:
                 relay = session.relay
                 if relay is not None and not relay.closed and now - relay.last_activity >= interval:
                     relay.check_errors()
+            self.runtime.tracker.prune()
 
     # -- revalidation ---------------------------------------------------------------------
 

@@ -63,3 +63,28 @@ def test_charge_without_watch_is_free() -> None:
     tracker = LimitTracker()
     tracker.charge("u", 10**9)
     assert tracker.bandwidth_exceeded("u", (Bandwidth(1, 60.0),)) is None
+
+
+def test_prune_forgets_only_windows_nobody_needs() -> None:
+    """Every user who ever had a bandwidth window kept one forever; prune drops those with no
+    live connection and nothing left in the window, and keeps everything that still counts."""
+    clock = Clock()
+    tracker = LimitTracker(clock)
+    window = (Bandwidth(1000, 60.0),)
+    live = tracker.acquire("live", "l", Limits(bandwidth=window), Limits())
+    for user in ("live", "gone", "recent"):
+        tracker.watch(user, window)
+        tracker.charge(user, 100)
+    clock.now += 61  # "gone" and "live" have slid out; "recent" is charged again
+    tracker.charge("recent", 1000)
+    tracker.prune()
+    assert set(tracker._windows) == {"live", "recent"}  # live: a connection; recent: bytes counted
+    assert tracker.bandwidth_exceeded("recent", window) == window[0]  # its usage was not lost
+    live.release()
+    tracker.prune()
+    assert set(tracker._windows) == {"recent"}
+    clock.now += 61
+    tracker.prune()
+    assert tracker._windows == {}
+    tracker.watch("gone", window)  # a returning user starts afresh
+    assert tracker.usage("gone", 60.0) == 0

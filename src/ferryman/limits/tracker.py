@@ -151,6 +151,16 @@ class LimitTracker:
         window = self._windows.get(user, {}).get(period)
         return window.usage(self._clock()) if window else 0
 
+    def prune(self) -> None:
+        """Forget the bandwidth windows of users with no live connection whose counted bytes
+        have all slid out of them (otherwise every user who ever had a window keeps one).
+        A returning user's windows start afresh at zero, which is what they would read."""
+        now = self._clock()
+        idle = [user for user in self._windows if user not in self._per_user]
+        for user in idle:
+            if all(window.usage(now) == 0 for window in self._windows[user].values()):
+                del self._windows[user]
+
     def bandwidth_exceeded(self, user: str, windows: tuple[Bandwidth, ...]) -> Bandwidth | None:
         """The first window whose budget ``user`` has used up, if any."""
         if not windows:

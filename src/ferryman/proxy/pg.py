@@ -171,8 +171,10 @@ async def serve_postgres(
         if listener.proxy_protocol != "off":
             peer = with_local_address(peer, sock)  # the header's destination
         if isinstance(asked, CancelAsked):
-            await _forward_cancel(rt, asked, peer)
-            client.close()
+            try:
+                await _forward_cancel(rt, asked, peer)
+            finally:
+                client.close()  # also when a forced shutdown cut the forwarding
             return
         startup = asked
         peer = dataclasses.replace(peer, sni=client.sni, peer_cert_der=client.peer_cert_der)
@@ -417,6 +419,13 @@ async def _run_session(rt: Runtime, listener: ListenerConfig, a: _Admitted) -> N
         rt.pg_cancel.pop((our_pid, our_secret), None)
         _refused(rt, conn_id, listener, peer, identity, exc, client, lease, backend)
         return
+    except asyncio.CancelledError:
+        # A forced shutdown while the client was slow to take AuthenticationOk: nothing is
+        # relayed yet, so the lease, both sockets and the cancel key are released here.
+        rt.pg_cancel.pop((our_pid, our_secret), None)
+        cut = ShuttingDown("gateway shut down while sending AuthenticationOk")
+        _refused(rt, conn_id, listener, peer, identity, cut, client, lease, backend)
+        raise
     rt.audit_admitted(
         conn_id,
         listener,
