@@ -303,8 +303,15 @@ def blackhole() -> Iterator[int]:
 # -- the TCP soak ---------------------------------------------------------------------------
 
 
-class TcpLoad:
-    """The client side of the TCP soak: one coroutine per kind of client."""
+Kind = Callable[[random.Random], Awaitable[str]]
+
+
+class Load:
+    """A soak's client side: one coroutine per kind of client, run in a seeded mix by a pool of
+    workers; each outcome is counted, and a wedge or a wrong answer recorded."""
+
+    seed_tag = ""
+    """Keeps the TCP and PostgreSQL mixes apart for the same seed."""
 
     def __init__(self, ports: dict[str, int], tls_client: ssl.SSLContext) -> None:
         self.ports = ports
@@ -314,7 +321,53 @@ class TcpLoad:
         self.failures: list[str] = []
         self.loop = asyncio.get_running_loop()
 
-    def kinds(self) -> list[tuple[Callable[[random.Random], Awaitable[str]], int]]:
+    def kinds(self) -> list[tuple[Kind, int]]:
+        raise NotImplementedError
+
+    def beside(self) -> tuple[Kind, ...]:
+        """Slow kinds that run beside the workers instead of holding a worker slot each."""
+        return ()
+
+    async def run(self, count: int, concurrency: int) -> None:
+        kinds = self.kinds()
+        picker = random.Random(f"{SEED}{self.seed_tag}")
+        plan = picker.choices([k for k, _ in kinds], weights=[w for _, w in kinds], k=count)
+        beside = self.beside()
+        aside = [i for i, k in enumerate(plan) if k in beside]
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in (i for i, k in enumerate(plan) if k not in beside):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                await self.one(i, plan[i])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)), *(self.one(i, plan[i]) for i in aside))
+
+    async def one(self, i: int, kind: Kind) -> None:
+        rng = random.Random(f"{SEED}{self.seed_tag}-{i}")
+        name = kind.__name__
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                outcome = await kind(rng)
+        except TimeoutError:
+            outcome = "WEDGED"
+            self.failures.append(f"#{i} {name}: no progress for {CLIENT_TIMEOUT}s")
+        except AssertionError as exc:
+            outcome = "WRONG"
+            self.failures.append(f"#{i} {name}: {exc}")
+        self.outcomes[f"{name}: {outcome}"] += 1
+
+
+class TcpLoad(Load):
+    """The client side of the TCP soak."""
+
+    def beside(self) -> tuple[Kind, ...]:
+        # A stalled handshake waits for the gateway's timeout: it would hold a worker a second.
+        return (self.tls_stall,)
+
+    def kinds(self) -> list[tuple[Kind, int]]:
         return [
             (self.echo, 20),
             (self.echo_half_close, 8),
@@ -336,39 +389,6 @@ class TcpLoad:
             (self.slow_dial, 3),
             (self.tls_over_budget, 2),
         ]
-
-    async def run(self, count: int, concurrency: int) -> None:
-        kinds = self.kinds()
-        picker = random.Random(SEED)
-        plan = picker.choices([k for k, _ in kinds], weights=[w for _, w in kinds], k=count)
-        # The slow kind (a stalled handshake waits for the gateway's timeout) runs beside the
-        # rest, so it does not hold a worker slot for a second each.
-        stalls = [i for i, k in enumerate(plan) if k == self.tls_stall]
-        rest = [i for i, k in enumerate(plan) if k != self.tls_stall]
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in rest:
-            queue.put_nowait(i)
-
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                await self.one(i, plan[i])
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)), *(self.one(i, plan[i]) for i in stalls))
-
-    async def one(self, i: int, kind: Callable[[random.Random], Awaitable[str]]) -> None:
-        rng = random.Random(f"{SEED}-{i}")
-        name = kind.__name__
-        try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
-                outcome = await kind(rng)
-        except TimeoutError:
-            outcome = "WEDGED"
-            self.failures.append(f"#{i} {name}: no progress for {CLIENT_TIMEOUT}s")
-        except AssertionError as exc:
-            outcome = "WRONG"
-            self.failures.append(f"#{i} {name}: {exc}")
-        self.outcomes[f"{name}: {outcome}"] += 1
 
     # Well-behaved plaintext clients --------------------------------------------------------
 
@@ -999,18 +1019,12 @@ def sqlstate(seen: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-class PgLoad:
+class PgLoad(Load):
     """The client side of the PostgreSQL soak."""
 
-    def __init__(self, ports: dict[str, int], tls_client: ssl.SSLContext) -> None:
-        self.ports = ports
-        self.tls_client = tls_client
-        self.hello = client_hello(tls_client)
-        self.outcomes: collections.Counter[str] = collections.Counter()
-        self.failures: list[str] = []
-        self.loop = asyncio.get_running_loop()
+    seed_tag = "-pg"
 
-    def kinds(self) -> list[tuple[Callable[[random.Random], Awaitable[str]], int]]:
+    def kinds(self) -> list[tuple[Kind, int]]:
         return [
             (self.asyncpg_query, 10),
             (self.query_and_terminate, 12),
@@ -1030,35 +1044,6 @@ class PgLoad:
             (self.tls_reset_mid_query, 4),
             (self.tls_stall_after_yes, 1),
         ]
-
-    async def run(self, count: int, concurrency: int) -> None:
-        kinds = self.kinds()
-        picker = random.Random(SEED + 2)
-        plan = picker.choices([k for k, _ in kinds], weights=[w for _, w in kinds], k=count)
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(count):
-            queue.put_nowait(i)
-
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                await self.one(i, plan[i])
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-    async def one(self, i: int, kind: Callable[[random.Random], Awaitable[str]]) -> None:
-        rng = random.Random(f"{SEED}-pg-{i}")
-        name = kind.__name__
-        try:
-            async with asyncio.timeout(CLIENT_TIMEOUT):
-                outcome = await kind(rng)
-        except TimeoutError:
-            outcome = "WEDGED"
-            self.failures.append(f"#{i} {name}: no progress for {CLIENT_TIMEOUT}s")
-        except AssertionError as exc:
-            outcome = "WRONG"
-            self.failures.append(f"#{i} {name}: {exc}")
-        self.outcomes[f"{name}: {outcome}"] += 1
 
     async def session(self, port: str = "pg", source: str = "127.0.0.1") -> PgSession:
         return PgSession(await open_socket(self.ports[port], source))
