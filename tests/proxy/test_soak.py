@@ -735,6 +735,28 @@ async def settled(
         raise AssertionError(f"{what} did not return to baseline:\n{explain()}") from None
 
 
+class Baseline:
+    """This process's descriptors and asyncio tasks at one moment, to come back to."""
+
+    def __init__(self) -> None:
+        self.fds = fd_table()
+        self.tasks = task_names()
+
+    async def fds_back(self, what: str) -> None:
+        await settled(
+            what,
+            lambda: len(fd_table()) == len(self.fds),
+            lambda: describe_fds({k: v for k, v in fd_table().items() if self.fds.get(k) != v}),
+        )
+
+    async def tasks_back(self, what: str) -> None:
+        await settled(
+            what,
+            lambda: task_names() == self.tasks,
+            lambda: f"new: {task_names() - self.tasks}, gone: {self.tasks - task_names()}",
+        )
+
+
 async def assert_limit_slots_free(port: int) -> None:
     """``MAX_CONNS`` concurrent connections of the limited user get through; one more does not."""
     loop = asyncio.get_running_loop()
@@ -814,7 +836,7 @@ async def test_tcp_soak_returns_to_baseline(tls_files: tuple[GatewayFiles, ssl.S
                 ),
                 grant({"echo": {}}, limits={"max_conns": MAX_CONNS}, src=[LIMITED]),
             ]
-            fds_before, tasks_before = fd_table(), task_names()
+            before = Baseline()
             gateway = await started_gateway(files)
             try:
                 async with wedge_guard(90):
@@ -824,16 +846,8 @@ async def test_tcp_soak_returns_to_baseline(tls_files: tuple[GatewayFiles, ssl.S
                 if not gateway.stopped.is_set():
                     await gateway.shutdown(0.5)
             # Whatever the shutdown cut, nothing of the gateway's stays behind.
-            await settled(
-                "file descriptors after shutdown",
-                lambda: len(fd_table()) == len(fds_before),
-                lambda: describe_fds({k: v for k, v in fd_table().items() if fds_before.get(k) != v}),
-            )
-            await settled(
-                "asyncio tasks after shutdown",
-                lambda: task_names() == tasks_before,
-                lambda: f"new: {task_names() - tasks_before}, gone: {tasks_before - task_names()}",
-            )
+            await before.fds_back("file descriptors after shutdown")
+            await before.tasks_back("asyncio tasks after shutdown")
 
 
 async def shutdown_under_load(
@@ -890,7 +904,7 @@ async def soak(
         assert await load.tls_echo(random.Random(0)) == "ok"
         await settled("sessions", lambda: len(rt.sessions) == 0, lambda: "")
         await asyncio.sleep(0.2)
-        fds_before, tasks_before = fd_table(), task_names()
+        before = Baseline()
 
         flapping = Flapping(gateway, files, ["reloaded", "reloaded_tls"], random.Random(SEED + 1))
         try:
@@ -909,26 +923,14 @@ async def soak(
             lambda: rt.tracker.connections(LIMITED) == 0 and rt.tracker.connections(DEV) == 0,
             lambda: f"{LIMITED}: {rt.tracker.connections(LIMITED)}, {DEV}: {rt.tracker.connections(DEV)}",
         )
-        await settled(
-            "file descriptors",
-            lambda: len(fd_table()) == len(fds_before),
-            lambda: describe_fds({k: v for k, v in fd_table().items() if fds_before.get(k) != v}),
-        )
-        await settled(
-            "asyncio tasks",
-            lambda: task_names() == tasks_before,
-            lambda: f"new: {task_names() - tasks_before}, gone: {tasks_before - task_names()}",
-        )
+        await before.fds_back("file descriptors")
+        await before.tasks_back("asyncio tasks")
         await assert_limit_slots_free(ports["echo"])
         # Still serving, plain and TLS.
         assert await load.echo(random.Random(1)) == "ok"
         assert await load.tls_echo(random.Random(1)) == "ok"
         await settled("sessions", lambda: len(rt.sessions) == 0, lambda: repr(list(rt.sessions)))
-        await settled(
-            "file descriptors",
-            lambda: len(fd_table()) == len(fds_before),
-            lambda: describe_fds({k: v for k, v in fd_table().items() if fds_before.get(k) != v}),
-        )
+        await before.fds_back("file descriptors")
         rt.audit.flush()
         admitted, refused = check_audit(files.audit())
         assert admitted > SOAK_CONNECTIONS // 3 and refused > SOAK_CONNECTIONS // 20, (admitted, refused)
@@ -1368,7 +1370,7 @@ async def test_postgres_soak_returns_to_baseline(tmp_path: Path, cluster: PgClus
     # transport and keeps it: let a client connection make it before counting.
     warm = await asyncpg.connect(host=cluster.host, port=cluster.port, user="postgres", ssl=False)
     await warm.close()
-    fds_before, tasks_before = fd_table(), task_names()
+    before = Baseline()
     gateway = await started_gateway(files)
     rt = gateway.runtime
     try:
@@ -1416,13 +1418,5 @@ async def test_postgres_soak_returns_to_baseline(tmp_path: Path, cluster: PgClus
         if not gateway.stopped.is_set():
             await gateway.shutdown(0.5)
     # The provisioners' admin pools grow on demand and close at shutdown: compare from here.
-    await settled(
-        "file descriptors",
-        lambda: len(fd_table()) == len(fds_before),
-        lambda: describe_fds({k: v for k, v in fd_table().items() if fds_before.get(k) != v}),
-    )
-    await settled(
-        "asyncio tasks",
-        lambda: task_names() == tasks_before,
-        lambda: f"new: {task_names() - tasks_before}, gone: {tasks_before - task_names()}",
-    )
+    await before.fds_back("file descriptors")
+    await before.tasks_back("asyncio tasks")

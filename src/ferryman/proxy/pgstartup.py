@@ -116,7 +116,7 @@ def _take_settings(words: list[str], names: tuple[str, ...]) -> tuple[list[str],
         word = words[i]
         i += 1
         if word == "--":
-            kept.extend(words[i - 1 :])  # getopt: the end of the switches; the server refuses the rest
+            kept.extend(words[start:])  # getopt: the end of the switches; the server refuses the rest
             break
         if len(word) < 2 or word[0] != "-":
             kept.append(word)  # not a switch (the server refuses it too)

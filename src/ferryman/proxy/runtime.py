@@ -168,11 +168,11 @@ class Runtime:
         detail: str,
         *,
         reason: str = "backend_error",
-        closed_by: str = "backend",
     ) -> None:
-        """The close record (and count) of an admitted connection whose backend could not be
-        reached: it never became a session, so it closes here -- with ``backend_error``, or
-        with ``shutdown`` when a forced shutdown cut it while it was still dialling."""
+        """The close record (and count) of an admitted connection that never became a session:
+        ``backend_error`` (closed by the backend) when it was not reached, else the gateway's
+        ``reason`` -- ``shutdown`` for a dial cut by a forced shutdown or outlived by its
+        listener, ``error`` for anything else."""
         self.audit.write(
             "close",
             id=conn_id,
@@ -186,7 +186,7 @@ class Runtime:
             bytes_down=0,
             duration=0.0,
             reason=reason,
-            closed_by=closed_by,
+            closed_by="backend" if reason == "backend_error" else "gateway",
             detail=detail,
         )
         self.metrics.closed(listener.name, listener.mode, reason, 0, 0, 0.0)

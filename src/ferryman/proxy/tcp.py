@@ -289,18 +289,14 @@ def _end_unrelayed(
     *,
     reason: str = "backend_error",
 ) -> None:
-    """Close an admitted connection that never reached the relay, with its close record:
-    ``backend_error`` (closed by the backend) when no target answered, else closed by the
-    gateway with ``reason``."""
+    """Close an admitted connection that never reached the relay, and write its close record
+    (see :meth:`Runtime.audit_unreached`)."""
     lease.release()
     if client_conn is not None:
         client_conn.abort()
     sock.close()
     backend_name = describe_target(route.targets[0]) if route.targets else ""
-    closed_by = "backend" if reason == "backend_error" else "gateway"
-    rt.audit_unreached(
-        conn_id, listener, peer, identity, backend_name, detail, reason=reason, closed_by=closed_by
-    )
+    rt.audit_unreached(conn_id, listener, peer, identity, backend_name, detail, reason=reason)
 
 
 def describe_target(target: TargetConfig) -> str:
