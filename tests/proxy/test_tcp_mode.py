@@ -563,12 +563,14 @@ async def test_backend_reset_behind_its_last_bytes_ends_a_quiet_connection(
 
 async def test_connection_dialling_when_its_listener_is_removed_is_not_relayed(files: GatewayFiles) -> None:
     """A reload removes a listener while one of its connections is still dialling (the
-    backend's accept queue is full, so the SYN waits for a retransmission). When the dial
+    backend's accept queue is full, so its SYN is dropped and retransmitted). When the dial
     completes, the connection is ended like the listener's sessions were -- reason shutdown,
     one close record -- instead of living on as a session of a listener that is gone."""
+    loop = asyncio.get_running_loop()
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(0)
+        server.setblocking(False)
         backend_port = server.getsockname()[1]
         fillers = []
         for _ in range(3):
@@ -576,27 +578,34 @@ async def test_connection_dialling_when_its_listener_is_removed_is_not_relayed(f
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", backend_port))
             fillers.append(filler)
-        port = files.add_listener("gone", f"127.0.0.1:{backend_port}", dial_timeout="10s")
+
+        async def accept_everything() -> None:
+            while True:
+                conn, _ = await loop.sock_accept(server)
+                conn.close()
+
+        port = files.add_listener("gone", f"127.0.0.1:{backend_port}", dial_timeout="20s")
         files.grants.append(grant({"gone": {}}))
-        try:
-            async with running_gateway(files) as gateway:
-                reader, writer = await connect(port)
-                await wait_for(lambda: [r for r in files.audit() if r["event"] == "decision"])
-                files.listeners.clear()
-                files.write()
-                assert await gateway.reload()
-                server.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    while True:  # free the accept queue: the gateway's SYN gets through
-                        server.accept()[0].close()
-                async with asyncio.timeout(10):
-                    assert await read_until_closed(reader, timeout=10) == b""
-                writer.close()
-                await wait_for(files.closes)
-                assert not list(gateway.runtime.sessions)
-        finally:
+        async with running_gateway(files) as gateway:
+            reader, writer = await connect(port)
+            await wait_for(lambda: [r for r in files.audit() if r["event"] == "decision"])
+            files.listeners.clear()
+            files.write()
+            assert await gateway.reload()
+            # Free the queue for good: the fillers stop retrying, and every arrival is taken,
+            # so the gateway's next SYN retransmission completes its dial.
             for filler in fillers:
                 filler.close()
+            acceptor = asyncio.ensure_future(accept_everything())
+            try:
+                assert await read_until_closed(reader, timeout=20) == b""
+                await wait_for(files.closes)
+                assert not list(gateway.runtime.sessions)
+            finally:
+                writer.close()  # also on failure: a leaked transport would fail later tests
+                acceptor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acceptor
     (close,) = files.closes()
     assert (close["reason"], close["closed_by"]) == ("shutdown", "gateway")
     assert close["detail"] == "listener removed from configuration"
