@@ -38,6 +38,7 @@ from ferryman.proxy.access import Access, AccessGeneration
 from ferryman.proxy.listener import Listener, bind_socket
 from ferryman.proxy.pg import serve_postgres
 from ferryman.proxy.pgroles import ListenerRoles
+from ferryman.proxy.poller import release_poller
 from ferryman.proxy.runtime import Runtime
 from ferryman.proxy.session import GRACEFUL_CLOSE_TIMEOUT, Session
 from ferryman.proxy.tcp import serve_tcp
@@ -121,9 +122,8 @@ def _policy_stamp(path: str | None) -> tuple[float, int] | None:
 class Gateway:
     """A running ferryman: listeners, sessions, revalidation, reload and shutdown."""
 
-    socket_sweep_interval: float = 5.0
-    """Seconds between sweeps for resets the event loop did not report (see
-    :meth:`_housekeeping_loop`); one ``getsockopt`` per quiet socket per sweep."""
+    housekeeping_interval: float = 5.0
+    """Seconds between housekeeping passes (see :meth:`_housekeeping_loop`)."""
 
     def __init__(self, config: Config, *, config_path: str | None = None, splice: bool = False) -> None:
         self.config = config
@@ -395,20 +395,10 @@ class Gateway:
     # -- housekeeping -----------------------------------------------------------------------
 
     async def _housekeeping_loop(self) -> None:
-        """Every :attr:`socket_sweep_interval`, relays quiet for at least that long look for a
-        peer's reset that the event loop stopped reporting (``Relay.check_errors``: a reset
-        right behind data is reported once, with the data), which bounds how long such a dead
-        connection keeps its sockets, session and limits to one or two intervals; and the
-        limit tracker forgets bandwidth windows nobody needs any more."""
-        loop = asyncio.get_running_loop()
+        """Every :attr:`housekeeping_interval`, the limit tracker forgets bandwidth windows
+        nobody needs any more."""
         while True:
-            interval = self.socket_sweep_interval
-            await asyncio.sleep(interval)
-            now = loop.time()
-            for session in list(self.runtime.sessions):
-                relay = session.relay
-                if relay is not None and not relay.closed and now - relay.last_activity >= interval:
-                    relay.check_errors()
+            await asyncio.sleep(self.housekeeping_interval)
             self.runtime.tracker.prune()
 
     # -- revalidation ---------------------------------------------------------------------
@@ -554,4 +544,5 @@ class Gateway:
             await rt.tailscale.aclose()
         await self.admin.close()  # last: /healthz says "draining" until the drain is over
         rt.audit.close()
+        release_poller(asyncio.get_running_loop())
         self.stopped.set()

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from ferryman.proxy.poller import poller_for
 from ferryman.proxy.relay import BULK, DOWN, SCRATCH_SIZE, UP, CloseInfo, SocketRelay, segment_aligned
 
 
@@ -188,20 +189,16 @@ async def test_client_reset_ends_the_relay() -> None:
 @pytest.mark.parametrize("size", [1000, 200_000])
 async def test_backend_reset_right_after_its_last_bytes_ends_the_relay(splice: bool, size: int) -> None:
     """The reply and the backend's RST arrive together, while the client waits quietly for
-    the end. uvloop reports such a socket (EPOLLERR) to its reader once and then stops
-    polling it, so the relay does not learn of the reset from another readiness callback;
-    ``check_errors`` (the gateway's sweep of quiet relays) finds it: the relay ends with
-    backend_error, after forwarding what the backend sent first."""
+    the end: the relay ends with backend_error, after forwarding what the backend sent first.
+    (uvloop reports such a socket's EPOLLERR to a reader once and then stops polling it, so
+    a relay watching it with ``loop.add_reader`` would wait forever; the relay's own
+    level-triggered epoll set keeps reporting it.)"""
     h = Harness(splice=splice)
     h.relay.start()
     reply = os.urandom(size)
     sent = h.backend_app.send(reply)  # whatever fits at once; on loopback it is on its way
     h.backend_app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     h.backend_app.close()  # RST right behind the data, before the relay has read any of it
-    async with asyncio.timeout(5.0):
-        while not h.relay.closed:
-            await asyncio.sleep(0.05)
-            h.relay.check_errors()
     info = await bounded(h.relay.done)
     assert (info.reason, info.closed_by) == ("backend_error", "backend")
     got = await h.recv_all(h.client_app)
@@ -211,20 +208,32 @@ async def test_backend_reset_right_after_its_last_bytes_ends_the_relay(splice: b
     h.client_app.close()
 
 
-async def test_check_errors_leaves_a_healthy_quiet_relay_alone() -> None:
+async def test_each_socket_is_watched_once_and_unwatched_when_the_relay_ends() -> None:
+    """The relay's sockets are in the loop's epoll set while it runs and gone from it after:
+    closed ones by closing, a detached backend (kept open for reuse) explicitly, so a new relay
+    can watch it again (registering it twice would fail with EEXIST)."""
+    loop = asyncio.get_running_loop()
+    poller = poller_for(loop)
+    before = len(poller)
     h = Harness()
     h.relay.start()
-    h.relay.check_errors()
-    h.relay.check_errors()
-    assert not h.relay.closed
-    h.client_app.sendall(b"ping")
-    assert await h.recv_all(h.backend_app, 4) == b"ping"
-    h.backend_app.sendall(b"pong")
-    assert await h.recv_all(h.client_app, 4) == b"pong"
-    h.client_app.shutdown(socket.SHUT_WR)
-    h.backend_app.shutdown(socket.SHUT_WR)
-    info = await bounded(h.relay.done)
-    assert (info.reason, h.relay.bytes) == ("normal", [4, 4])
+    assert len(poller) == before + 2
+    h.relay.detach()
+    assert len(poller) == before
+    backend_side = h.relay.detached
+    assert backend_side is not None
+    client_app, client_side = tcp_pair()
+    again = SocketRelay(loop, client_side, backend_side, None)
+    again.start()
+    assert len(poller) == before + 2
+    h.backend_app.sendall(b"still here")
+    assert await h.recv_all(client_app, 10) == b"still here"
+    client_app.sendall(b"ok")
+    assert await h.recv_all(h.backend_app, 2) == b"ok"
+    again.close("normal")
+    assert len(poller) == before
+    assert (await bounded(again.done)).reason == "normal"
+    client_app.close()
     h.close_apps()
 
 

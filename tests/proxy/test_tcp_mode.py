@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -191,6 +192,32 @@ async def test_half_close_through_gateway(files: GatewayFiles) -> None:
                 reply = await reader.read()
             writer.close()
     assert reply == b"reply:request" * 50
+
+
+def epoll_sets() -> int:
+    """How many epoll sets this process has open."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += "eventpoll" in os.readlink(f"/proc/self/fd/{name}")
+    return count
+
+
+async def test_shutdown_closes_the_relays_epoll_set(files: GatewayFiles) -> None:
+    """The relays' epoll set (one per event loop, made by the first relay) is closed when the
+    gateway stops and watches nothing any more: a stopped gateway leaves no descriptor."""
+    before = epoll_sets()
+    async with EchoServer() as server:
+        port = files.add_listener("echo", server.address)
+        files.grants.append(grant({"echo": {}}))
+        async with running_gateway(files):
+            reader, writer = await connect(port)
+            writer.write(b"ping")
+            async with asyncio.timeout(5):
+                assert await reader.readexactly(4) == b"ping"
+            assert epoll_sets() == before + 1
+            writer.close()
+    assert epoll_sets() == before
 
 
 async def test_max_conns_per_user_across_listeners(files: GatewayFiles) -> None:
@@ -532,14 +559,11 @@ async def test_audit_to_stdout_is_json_lines(tmp_path: Path) -> None:
     assert '"event":"decision"' in out and '"note":"hello"' in out
 
 
-async def test_backend_reset_behind_its_last_bytes_ends_a_quiet_connection(
-    files: GatewayFiles, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The backend's reply and its RST arrive together while the client only waits. The event
-    loop reports that socket once (the reply is read and forwarded) and then never again, so
-    the gateway's sweep of quiet relays has to find the reset: the client's connection ends
-    and the close record says backend_error, instead of both sockets being held forever."""
-    monkeypatch.setattr(Gateway, "socket_sweep_interval", 0.2)
+async def test_backend_reset_behind_its_last_bytes_ends_a_quiet_connection(files: GatewayFiles) -> None:
+    """The backend's reply and its RST arrive together while the client only waits. (uvloop
+    reports such a socket to a reader once and then never again; the relay's own epoll set
+    does not lose it.) The reply is forwarded, the client's connection ends and the close
+    record says backend_error, instead of both sockets being held forever."""
     loop = asyncio.get_running_loop()
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.setblocking(False)

@@ -62,9 +62,9 @@ async def _connect(sock: socket.socket, addr: tuple[Any, ...]) -> None:
 
 
 def _new_socket(family: int) -> socket.socket:
-    """Non-blocking, with ``TCP_NODELAY`` already set (it survives the connect)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    """Non-blocking from birth (no ``ioctl``), with ``TCP_NODELAY`` already set (it survives the
+    connect)."""
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

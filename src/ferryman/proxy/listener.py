@@ -52,6 +52,7 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._resume: asyncio.TimerHandle | None = None
+        self._family = int(sock.family)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -65,9 +66,11 @@ class Listener:
 
     def _on_accept(self) -> None:
         sock = self.sock
+        family = self._family
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = sock.accept()
+                # ``accept()`` without its wrapper's family/type enum look-ups (per connection).
+                fd, addr = sock._accept()  # type: ignore[attr-defined]  # CPython, not in typeshed
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -78,6 +81,7 @@ class Listener:
                     return
                 logger.warning("listener %s: accept failed: %s", self.name, exc)
                 return
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from ferryman.proxy.poller import ERR, IN, OUT, poller_for
+
 UP: Final = 0
 """Client → backend."""
 DOWN: Final = 1
@@ -51,6 +53,9 @@ _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if _HAS_SPLICE else 0
 _F_SETPIPE_SZ = 1031  # linux/fcntl.h: F_LINUX_SPECIFIC_BASE + 7
 _scratch = bytearray(SCRATCH_SIZE)
 _scratch_view = memoryview(_scratch)
+
+IN_OR_ERR: Final = IN | ERR
+OUT_OR_ERR: Final = OUT | ERR
 
 # Errors a peer causes by going away; anything else on a socket is reported as an error.
 _PEER_GONE = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH}
@@ -98,11 +103,6 @@ class Relay(Protocol):
 
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None: ...
 
-    def check_errors(self) -> None:
-        """Notice a peer's reset the event loop did not report (raw sockets; a no-op over
-        transports, which report errors themselves)."""
-        ...
-
 
 def segment_aligned(sock: socket.socket, size: int = SCRATCH_SIZE) -> int | None:
     """The largest whole number of ``sock``'s TCP segments that fits in ``size`` bytes (``size``
@@ -127,7 +127,6 @@ class _Pump:
         "dst_fd",
         "ended",
         "eof",
-        "error",
         "in_pipe",
         "index",
         "pipe_r",
@@ -154,9 +153,6 @@ class _Pump:
         self.pipe_r = -1
         self.pipe_w = -1
         self.eof = False
-        self.error: OSError | None = None
-        """A reset (or other socket error) taken from ``src`` while data may still be queued
-        ahead of it: reported when that data has been read (see :meth:`check_error`)."""
         self.ended = False
         self.reading = False
         self.writing = False
@@ -255,25 +251,25 @@ class _Pump:
             return
         if self.writing:
             self.writing = False
-            relay.loop.remove_writer(self.dst_fd)
+            relay.watch_fd(1 - self.index)
         if self.eof:
             self._end()
         else:
             self._resume_reading()
 
     def _wait_writable(self) -> None:
-        loop = self.relay.loop
+        relay = self.relay
         if self.reading:
             self.reading = False
-            loop.remove_reader(self.src_fd)
+            relay.watch_fd(self.index)
         if not self.writing:
             self.writing = True
-            loop.add_writer(self.dst_fd, self.on_writable)
+            relay.watch_fd(1 - self.index)
 
     def _resume_reading(self) -> None:
         if not self.reading and not self.eof:
             self.reading = True
-            self.relay.loop.add_reader(self.src_fd, self.on_readable)
+            self.relay.watch_fd(self.index)
 
     def _start_splice(self) -> None:
         try:
@@ -288,42 +284,15 @@ class _Pump:
         except OSError:
             pass  # the default pipe size (64 KiB) still works, just with more calls
 
-    def check_error(self) -> None:
-        """While waiting on ``src``: take a pending socket error, if any, and poll ``src`` afresh.
-
-        A reset that arrives right behind data makes the socket report EPOLLERR. uvloop hands
-        that to the reader once (which reads the data) and then stops polling the descriptor
-        for good (its poll handle is closed, silently), so a relay that waited for the next
-        readiness callback would wait forever -- holding both sockets, the session and its
-        limits -- whenever the other direction is quiet. Polling afresh (the error now taken,
-        the socket reads as readable again) lets any data still queued ahead of the reset be
-        read and forwarded; :meth:`_on_eof` then ends the relay with the error instead of a
-        clean end of stream. One ``getsockopt``: called for quiet relays by a periodic sweep
-        (:meth:`SocketRelay.check_errors`), not per read, which would cost every message a
-        system call (measured: 8 % of redis-benchmark's requests per second)."""
-        if not self.reading or self.error is not None:
-            return
-        try:
-            err = self.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            self.relay.failed(self.index, exc)
-            return
-        if err:
-            self.error = OSError(err, os.strerror(err))
-            loop = self.relay.loop
-            loop.remove_reader(self.src_fd)
-            loop.add_reader(self.src_fd, self.on_readable)
-
     def _on_eof(self) -> None:
-        if self.error is not None:
-            self.relay.failed(self.index, self.error)
-            return
+        relay = self.relay
         self.eof = True
-        if self.reading:
-            self.reading = False
-            self.relay.loop.remove_reader(self.src_fd)
+        self.reading = False
         if self.backlog is None and not self.in_pipe:
             self._end()
+        if not relay.closed:
+            # After _end: when that ended the relay, closing the socket unwatches it for free.
+            relay.watch_fd(self.index)
 
     def _end(self) -> None:
         if self.ended:
@@ -339,13 +308,7 @@ class _Pump:
         self.relay.direction_ended(self.index)
 
     def stop(self) -> None:
-        loop = self.relay.loop
-        if self.reading:
-            self.reading = False
-            loop.remove_reader(self.src_fd)
-        if self.writing:
-            self.writing = False
-            loop.remove_writer(self.dst_fd)
+        self.reading = self.writing = False
         if self.pipe_r >= 0:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
@@ -388,6 +351,12 @@ class SocketRelay:
         self.done: asyncio.Future[CloseInfo] = loop.create_future()
         self._first_end: int | None = None
         self._pumps = (_Pump(self, UP, client, backend), _Pump(self, DOWN, backend, client))
+        self._poller = poller_for(loop)
+        self._fds = (client.fileno(), backend.fileno())
+        self._masks = [-1, -1]
+        """What the poller watches each socket (``UP`` = client, ``DOWN`` = backend) for; -1:
+        not registered."""
+        self._handlers = (self._on_client_event, self._on_backend_event)
 
     def start(self, initial_up: bytes = b"", initial_down: bytes = b"") -> None:
         """Begin relaying; ``initial_*`` are bytes already read that must go first."""
@@ -401,6 +370,40 @@ class SocketRelay:
         self._pumps[UP].start(initial_up)
         if not self.closed:
             self._pumps[DOWN].start(initial_down)
+
+    def watch_fd(self, side: int) -> None:
+        """Have the poller watch socket ``side`` (``UP`` = client, ``DOWN`` = backend) for what
+        its pumps wait for: reading it (pump ``side``), writing it (the other pump)."""
+        pumps = self._pumps
+        mask = (IN if pumps[side].reading else 0) | (OUT if pumps[1 - side].writing else 0)
+        current = self._masks[side]
+        if mask == current or (mask == 0 and current < 0):
+            return
+        fd = self._fds[side]
+        if current < 0:
+            self._poller.register(fd, mask, self._handlers[side])
+        elif mask:
+            self._poller.modify(fd, mask)
+        else:
+            # Not left registered with an empty mask: an error or hang-up would still be
+            # reported, level-triggered, with nobody to take it.
+            self._poller.unregister(fd)
+            mask = -1
+        self._masks[side] = mask
+
+    def _on_client_event(self, events: int) -> None:
+        pumps = self._pumps
+        if events & OUT_OR_ERR and pumps[DOWN].writing:
+            pumps[DOWN].on_writable()
+        if events & IN_OR_ERR and pumps[UP].reading and not self.closed:
+            pumps[UP].on_readable()
+
+    def _on_backend_event(self, events: int) -> None:
+        pumps = self._pumps
+        if events & OUT_OR_ERR and pumps[UP].writing:
+            pumps[UP].on_writable()
+        if events & IN_OR_ERR and pumps[DOWN].reading and not self.closed:
+            pumps[DOWN].on_readable()
 
     def other_ended(self, direction: int) -> bool:
         return self._pumps[1 - direction].ended
@@ -420,14 +423,6 @@ class SocketRelay:
         else:
             self.close("error", name, detail)
 
-    def check_errors(self) -> None:
-        """Find a reset that the event loop stopped reporting (see :meth:`_Pump.check_error`);
-        for a relay quiet for a while, called by the gateway's socket sweep."""
-        for pump in self._pumps:
-            if self.closed:
-                return
-            pump.check_error()
-
     def detach(self) -> None:
         """End the relay as the client's normal close, but keep the backend socket open and
         unread in :attr:`detached` (for PostgreSQL backend-session reuse)."""
@@ -444,6 +439,14 @@ class SocketRelay:
         self.closed = True
         for pump in self._pumps:
             pump.stop()
+        poller = self._poller
+        for side, sock in enumerate((self.client, self.backend)):
+            if self._masks[side] >= 0:
+                self._masks[side] = -1
+                if sock in sockets:
+                    poller.forget(self._fds[side])  # closed below, which unwatches it
+                else:
+                    poller.unregister(self._fds[side])
         for sock in sockets:
             try:
                 sock.close()

@@ -336,9 +336,6 @@ class TransportRelay:
         if transport is not None and not self.closed and not self._ended[1 - side]:
             transport.resume_reading()
 
-    def check_errors(self) -> None:
-        """Nothing to do: transports report a reset through ``connection_lost``."""
-
     def close(self, reason: str, closed_by: str = "gateway", detail: str = "") -> None:
         if self.closed:
             return
