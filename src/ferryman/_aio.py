@@ -1,8 +1,8 @@
 """asyncio helpers: the one sanctioned way to start a task, and cancellation done right.
 
 Owns: :func:`spawn` (named task, strong reference held by an owner set, cpython's loop only
-keeps weak references), :func:`cancel_and_wait`, and :func:`wait_fd` (readiness of a raw
-socket without reading from it).
+keeps weak references) and :func:`cancel_and_wait`. (Readiness of a raw socket:
+:func:`ferryman.proxy.poller.wait_fd`.)
 
 Must not: hold global state. Owners are sets held by whoever is responsible for the tasks
 (a listener for its connections, the gateway for its background loops).
@@ -61,25 +61,3 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError
-
-
-async def wait_fd(fd: int, *, writable: bool = False) -> None:
-    """Wait until ``fd`` is readable (or writable), consuming nothing."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_ready() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, on_ready)
-    else:
-        loop.add_reader(fd, on_ready)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)

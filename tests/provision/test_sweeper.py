@@ -108,8 +108,9 @@ async def test_two_gateways_with_a_shared_key(cluster: PgCluster, make_provision
 async def test_two_gateways_with_their_own_keys_recover_by_forget(
     cluster: PgCluster, make_provisioner: Any
 ) -> None:
-    a: Provisioner = await make_provisioner()
-    b: Provisioner = await make_provisioner()
+    # Two gateway processes without a configured key: each has drawn its own.
+    a: Provisioner = await make_provisioner(password_key=b"a" * 32)
+    b: Provisioner = await make_provisioner(password_key=b"b" * 32)
     first = await a.ensure_login("solo@example.com", "", APPDB, READWRITE)
     second = await b.ensure_login("solo@example.com", "", APPDB, READWRITE)
     assert first.role == second.role and first.password != second.password
@@ -119,6 +120,22 @@ async def test_two_gateways_with_their_own_keys_recover_by_forget(
     a.forget(first.role)
     retry = await a.ensure_login("solo@example.com", "", APPDB, READWRITE)
     async with await connect_as(cluster, retry):
+        pass
+
+
+async def test_provisioners_of_one_process_without_a_key_do_not_re_key_each_other(
+    cluster: PgCluster, make_provisioner: Any
+) -> None:
+    """Two listeners in front of one server (or a listener a reload re-created) each have a
+    provisioner; with no configured key they share the process's, so the role's password one
+    of them handed out still logs in after the other provisioned the same person."""
+    a: Provisioner = await make_provisioner()
+    b: Provisioner = await make_provisioner()
+    first = await a.ensure_login("twice@example.com", "", APPDB, READWRITE)
+    second = await b.ensure_login("twice@example.com", "", APPDB, READWRITE)
+    assert second == first
+    assert a.stats.rotations + b.stats.rotations == 1
+    async with await connect_as(cluster, first):
         pass
 
 

@@ -14,10 +14,12 @@ Password policy -- derived, cached, rotated:
   ``epoch`` lives in the registry row; rotating means ``epoch + 1`` and one ``ALTER ROLE``.
   Gateways configured with the same ``password_key`` derive the same password from the row,
   so one gateway never invalidates another's cached password. Without a configured key each
-  process draws a random one; a second gateway then re-keys the role on its first
-  provisioning, and the first gateway's next backend login fails with 28P01 -- the session
-  must then call :meth:`forget` and ``ensure_login`` once more (do that on any 28000/28P01
-  from the backend: a sweeper elsewhere may also have dropped the role).
+  process draws a random one, shared by all its provisioners (several listeners in front of
+  one server, or a listener that a reload re-created, derive the same passwords); a second
+  gateway process then re-keys the role on its first provisioning, and the first gateway's
+  next backend login fails with 28P01 -- the session must then call :meth:`forget` and
+  ``ensure_login`` once more (do that on any 28000/28P01 from the backend: a sweeper
+  elsewhere may also have dropped the role).
 * The server stores a SCRAM-SHA-256 verifier computed here (``statements.scram_secret``), so
   the plaintext never appears in SQL text or the server log. ``VALID UNTIL`` is now +
   ``password_lifetime`` (1 h); a password is reused until less than ``rotate_before`` (30 min)
@@ -151,6 +153,12 @@ class Stats:
     rotations: int = 0
 
 
+_PROCESS_KEY = secrets.token_bytes(32)
+"""The password key of provisioners given none: one per process (see the module docstring).
+Per provisioner, two listeners in front of one server re-keyed each other's roles, and under
+load a session's login could lose twice in a row (28P01 to the client)."""
+
+
 class Provisioner:
     """Provisions per-person login roles on one backend through an admin connection pool."""
 
@@ -164,7 +172,7 @@ class Provisioner:
             max_db_pools=self.settings.max_db_pools,
             connect_timeout=self.settings.connect_timeout,
         )
-        self._key = self.settings.password_key or secrets.token_bytes(32)
+        self._key = self.settings.password_key or _PROCESS_KEY
         self.key_id = hashlib.sha256(b"ferryman-key-id\x00" + self._key).hexdigest()[:16]
         self.marker = names.marker_name(self.settings.prefix)
         self.stats = Stats()

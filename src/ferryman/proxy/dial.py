@@ -17,8 +17,8 @@ import os
 import socket
 from typing import Any
 
-from ferryman._aio import wait_fd
 from ferryman.errors import BackendUnavailable
+from ferryman.proxy.poller import wait_fd
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,8 +16,8 @@ import socket
 from dataclasses import dataclass, field
 
 from ferryman import pgwire
-from ferryman._aio import wait_fd
 from ferryman.errors import AccessDenied, InvalidParameter, RemoteProtocolError
+from ferryman.proxy.poller import wait_fd
 from ferryman.proxy.streams import SetupStream, accept_tls
 from ferryman.proxy.tlssetup import ListenerTLS
 

@@ -1,8 +1,9 @@
 """One epoll set per event loop for the relay's raw sockets.
 
 Owns: a level-triggered ``epoll`` set whose own descriptor is the only thing the event loop
-watches for relayed sockets (one ``add_reader``), and dispatching its events to one callback
-per registered descriptor.
+watches for relayed sockets (one ``add_reader``), dispatching its events to one callback
+per registered descriptor, and :func:`wait_fd` (readiness of a raw socket before it is
+relayed: a dial in progress, a ClientHello or start-up packet still to come).
 
 Why not ``loop.add_reader`` per socket: under uvloop every ``add_reader`` on a new descriptor
 creates a libuv poll handle (``uv_poll_init``: an ``ioctl`` and an ``epoll_ctl`` ADD+DEL pair to
@@ -95,7 +96,15 @@ class Poller:
             handler = handlers.get(fd)
             # None: forgotten (closed) by an earlier handler of this batch.
             if handler is not None:
-                handler(mask)
+                try:
+                    handler(mask)
+                except Exception as exc:  # one connection's bug must not starve the others
+                    loop = self._loop()
+                    if loop is None:
+                        raise
+                    loop.call_exception_handler(
+                        {"message": f"relay poller: handler for fd {fd} failed", "exception": exc}
+                    )
 
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Poller] = weakref.WeakKeyDictionary()
@@ -117,3 +126,22 @@ def release_poller(loop: asyncio.AbstractEventLoop) -> None:
     if poller is not None and not len(poller):
         del _pollers[loop]
         poller.close()
+
+
+async def wait_fd(fd: int, *, writable: bool = False) -> None:
+    """Wait until ``fd`` is readable (or writable, or has an error), consuming nothing. Two
+    ``epoll_ctl`` calls (an ADD and a DEL); ``loop.add_reader`` costs uvloop five and an
+    ``ioctl``."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready(events: int) -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    poller = poller_for(loop)
+    poller.register(fd, OUT if writable else IN, on_ready)
+    try:
+        await ready
+    finally:
+        poller.unregister(fd)

@@ -16,9 +16,9 @@ import dataclasses
 import socket
 
 from ferryman import proxyproto, tlshello
-from ferryman._aio import wait_fd
 from ferryman.errors import RemoteProtocolError
 from ferryman.identity.base import PeerInfo
+from ferryman.proxy.poller import wait_fd
 from ferryman.proxyproto.header import V1_MAX_LENGTH, V2_HEADER_LENGTH, V2_SIGNATURE
 from ferryman.routing import http_host
 
