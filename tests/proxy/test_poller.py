@@ -6,7 +6,7 @@ import asyncio
 import socket
 from typing import Any
 
-from ferryman.proxy.poller import ERR, IN, OUT, poller_for, release_poller
+from ferryman.proxy.poller import ERR, IN, OUT, Poller, poller_for, release_poller
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -90,6 +90,45 @@ async def test_forgotten_descriptors_are_dropped_by_closing_them() -> None:
     poller.forget(d.fileno())
     c.close()
     d.close()
+
+
+def watched(poller: Poller) -> dict[int, int]:
+    """What the kernel has in the set: descriptor -> event mask (from /proc/self/fdinfo)."""
+    out: dict[int, int] = {}
+    with open(f"/proc/self/fdinfo/{poller.fileno()}") as info:
+        for line in info:
+            if line.startswith("tfd:"):
+                fields = line.split()
+                out[int(fields[1])] = int(fields[3], 16)
+    return out
+
+
+async def test_a_forgotten_descriptor_left_open_is_dropped_not_reported_forever() -> None:
+    poller = poller_for(asyncio.get_running_loop())
+    a, b = tcp_pair()
+    poller.register(b.fileno(), IN, lambda m: None)
+    assert b.fileno() in watched(poller)
+    poller.forget(b.fileno())  # a bug: forgotten, but not closed
+    a.send(b"x")
+    await turns()
+    assert b.fileno() not in watched(poller)
+    a.close()
+    b.close()
+
+
+async def test_registering_a_descriptor_still_in_the_set_takes_it_over() -> None:
+    poller = poller_for(asyncio.get_running_loop())
+    a, b = tcp_pair()
+    poller.register(b.fileno(), OUT, lambda m: None)
+    seen: list[int] = []
+    poller.register(b.fileno(), IN, seen.append)  # no FileExistsError
+    assert watched(poller)[b.fileno()] & (IN | OUT) == IN
+    a.send(b"x")
+    await turns()
+    assert seen and all(m & IN and not m & OUT for m in seen)
+    poller.unregister(b.fileno())
+    a.close()
+    b.close()
 
 
 async def test_a_failing_handler_does_not_starve_the_others() -> None:

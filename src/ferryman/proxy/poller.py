@@ -57,9 +57,18 @@ class Poller:
     def __len__(self) -> int:
         return len(self._handlers)
 
+    def fileno(self) -> int:
+        """The epoll set's own descriptor (``/proc/self/fdinfo/<it>`` lists what it watches)."""
+        return self._epoll.fileno()
+
     def register(self, fd: int, mask: int, handler: Handler) -> None:
         """Watch ``fd`` for ``mask`` (``ERR`` is always reported), calling ``handler(events)``."""
-        self._epoll.register(fd, mask)
+        try:
+            self._epoll.register(fd, mask)
+        except FileExistsError:
+            # Still in the set from an earlier watcher that did not unregister it (a bug, but
+            # the socket is the one the caller has now): take it over.
+            self._epoll.modify(fd, mask)
         self._handlers[fd] = handler
 
     def modify(self, fd: int, mask: int) -> None:
@@ -94,8 +103,15 @@ class Poller:
             return
         for fd, mask in events:
             handler = handlers.get(fd)
-            # None: forgotten (closed) by an earlier handler of this batch.
-            if handler is not None:
+            if handler is None:
+                # Forgotten: usually closed by an earlier handler of this batch (then this
+                # fails harmlessly); if it was left open, drop it, or the level-triggered set
+                # would report it on every turn.
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass
+            else:
                 try:
                     handler(mask)
                 except Exception as exc:  # one connection's bug must not starve the others
