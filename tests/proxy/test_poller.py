@@ -7,15 +7,7 @@ import socket
 from typing import Any
 
 from ferryman.proxy.poller import ERR, IN, OUT, Poller, poller_for, release_poller
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
+from tests.support.sockets import tcp_pair
 
 
 async def turns(n: int = 5) -> None:

@@ -9,21 +9,12 @@ import pytest
 
 from ferryman.proxy.poller import poller_for
 from ferryman.proxy.relay import BULK, DOWN, SCRATCH_SIZE, UP, CloseInfo, SocketRelay, segment_aligned
+from tests.support.sockets import tcp_pair
 
 
 async def bounded(fut: "asyncio.Future[CloseInfo]", seconds: float = 5.0) -> CloseInfo:
     async with asyncio.timeout(seconds):
         return await fut
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A real loopback TCP connection (not a socketpair: we test what the gateway sees)."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
 
 
 class Harness:

@@ -11,15 +11,7 @@ import trustme
 
 from ferryman.proxy.relay import CloseInfo
 from ferryman.proxy.streams import Conn, TransportRelay, accept_tls, connect_tls, wrap_plain
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
+from tests.support.sockets import tcp_pair
 
 
 async def bounded(fut: "asyncio.Future[CloseInfo]") -> CloseInfo:
