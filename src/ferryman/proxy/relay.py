@@ -6,7 +6,7 @@ per-connection byte budget, the last-activity clock, and the close reason / who 
 Must not: identify, authorize, dial or log. Timers (idle, duration) and grant limits that span
 connections belong to :mod:`ferryman.proxy.session`, which calls :meth:`SocketRelay.close`.
 
-How it moves bytes. The relay is callback-driven (``loop.add_reader``/``add_writer``), not a
+How it moves bytes. The relay is callback-driven (readiness from :mod:`~ferryman.proxy.poller`), not a
 pair of tasks, so an idle connection costs two small objects and no coroutine frames. A
 direction starts in *copy* mode: ``recv_into`` a scratch buffer shared by every connection
 (the loop is single-threaded), then ``send``; only bytes the destination would not take are
