@@ -103,27 +103,10 @@ class Table:
 
 def _cells(line: str) -> list[str]:
     """Split a table line on ``|``, except inside backticks or escaped as ``\\|``."""
-    cells, current, in_code = [], "", False
     body = line.strip()
     body = body[1:] if body.startswith("|") else body
     body = body[:-1] if body.endswith("|") and not body.endswith("\\|") else body
-    i = 0
-    while i < len(body):
-        char = body[i]
-        if char == "\\" and body[i + 1 : i + 2] == "|":
-            current += "|"
-            i += 2
-            continue
-        if char == "`":
-            in_code = not in_code
-        if char == "|" and not in_code:
-            cells.append(current.strip())
-            current = ""
-        else:
-            current += char
-        i += 1
-    cells.append(current.strip())
-    return cells
+    return split_outside_backticks(body, "|")
 
 
 def readme_tables() -> list[Table]:
@@ -197,16 +180,25 @@ class Row:
     """``README.md:LINE``, for messages."""
 
 
-def split_outside_backticks(text: str) -> list[str]:
+def split_outside_backticks(text: str, sep: str = ",") -> list[str]:
+    """Split ``text`` on ``sep``, except inside backticks or escaped with a backslash; the parts
+    are stripped."""
     parts, current, in_code = [], "", False
-    for char in text:
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and text[i + 1 : i + 2] == sep:
+            current += sep
+            i += 2
+            continue
         if char == "`":
             in_code = not in_code
-        if char == "," and not in_code:
+        if char == sep and not in_code:
             parts.append(current.strip())
             current = ""
         else:
             current += char
+        i += 1
     parts.append(current.strip())
     return parts
 

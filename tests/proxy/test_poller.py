@@ -6,7 +6,7 @@ import asyncio
 import socket
 from typing import Any
 
-from ferryman.proxy.poller import ERR, IN, OUT, Poller, poller_for, release_poller
+from ferryman.proxy.poller import ERR, IN, OUT, Poller, poller_for, release_poller, wait_fd
 from tests.support.sockets import tcp_pair
 
 
@@ -167,5 +167,28 @@ async def test_one_poller_per_loop_released_only_when_idle() -> None:
     assert seen
     fresh.unregister(b.fileno())
     release_poller(loop)
+    a.close()
+    b.close()
+
+
+async def test_wait_fd_leaves_nothing_in_the_set_when_ready_or_cancelled() -> None:
+    poller = poller_for(asyncio.get_running_loop())
+    a, b = tcp_pair()
+    waiting = asyncio.ensure_future(wait_fd(b.fileno()))
+    await turns()
+    assert b.fileno() in watched(poller) and not waiting.done()
+    a.send(b"x")
+    async with asyncio.timeout(5):
+        await waiting
+    assert b.fileno() not in watched(poller)
+    assert b.recv(1) == b"x"  # consumed nothing
+    waiting = asyncio.ensure_future(wait_fd(b.fileno()))
+    await turns()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert b.fileno() not in watched(poller)
+    async with asyncio.timeout(5):
+        await wait_fd(b.fileno(), writable=True)
+    assert b.fileno() not in watched(poller)
     a.close()
     b.close()

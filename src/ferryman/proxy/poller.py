@@ -87,7 +87,7 @@ class Poller:
         self._handlers.pop(fd, None)
 
     def close(self) -> None:
-        """Stop dispatching and close the set (the loop is closing)."""
+        """Stop dispatching and close the set (see :func:`release_poller`)."""
         if not self._epoll.closed:
             loop = self._loop()
             if loop is not None and not loop.is_closed():
@@ -130,7 +130,7 @@ def poller_for(loop: asyncio.AbstractEventLoop) -> Poller:
     """The loop's poller, created on first use. It lives as long as the loop (the loop's
     reader holds it; it holds the loop weakly), or until :func:`release_poller`."""
     poller = _pollers.get(loop)
-    if poller is None or poller._epoll.closed:
+    if poller is None:
         poller = _pollers[loop] = Poller(loop)
     return poller
 

@@ -352,7 +352,6 @@ class SocketRelay:
         self._first_end: int | None = None
         self._pumps = (_Pump(self, UP, client, backend), _Pump(self, DOWN, backend, client))
         self._poller = poller_for(loop)
-        self._fds = (client.fileno(), backend.fileno())
         self._masks = [-1, -1]
         """What the poller watches each socket (``UP`` = client, ``DOWN`` = backend) for; -1:
         not registered."""
@@ -379,7 +378,7 @@ class SocketRelay:
         current = self._masks[side]
         if mask == current or (mask == 0 and current < 0):
             return
-        fd = self._fds[side]
+        fd = pumps[side].src_fd
         if current < 0:
             self._poller.register(fd, mask, self._handlers[side])
         elif mask:
@@ -440,13 +439,13 @@ class SocketRelay:
         for pump in self._pumps:
             pump.stop()
         poller = self._poller
-        for side, sock in enumerate((self.client, self.backend)):
-            if self._masks[side] >= 0:
-                self._masks[side] = -1
-                if sock in sockets:
-                    poller.forget(self._fds[side])  # closed below, which unwatches it
+        for pump in self._pumps:
+            if self._masks[pump.index] >= 0:
+                self._masks[pump.index] = -1
+                if pump.src in sockets:
+                    poller.forget(pump.src_fd)  # closed below, which unwatches it
                 else:
-                    poller.unregister(self._fds[side])
+                    poller.unregister(pump.src_fd)
         for sock in sockets:
             try:
                 sock.close()
